@@ -1,0 +1,1199 @@
+"""
+TextTeacher: train a ViT classifier with one extra loss that aligns it with language.
+
+A linear text head maps the ViT's post-norm CLS feature into the embedding space of a
+frozen text encoder, and a symmetric contrastive loss pulls each image's projection
+toward the embedding of its own caption (Nauen et al., 2026, "What Can Language Teach
+About Images?"). The captions are written and embedded once, offline, by caption_embed.py.
+At inference the text head is dropped: the exported model is a plain ViT.
+
+Commands (see README.md for where the embeddings come from):
+
+  # CPU demo, offline, about a minute: the built-in captioned "shapes" dataset
+  python caption_embed.py --data shapes --out shapes_text.pt
+  python textteacher.py --data shapes --text shapes_text.pt
+
+  # the baseline: no --text (or --text-loss-lambda 0) builds no text head at all
+  python textteacher.py --data shapes
+
+  # one GPU, and eight GPUs (--batch-size is always the global batch, as in the paper)
+  python textteacher.py --data imagenet --data-dir /data/imagenet --text in1k_coca_bert.pt
+  torchrun --nproc_per_node=8 textteacher.py --data imagenet --data-dir /data/imagenet --text in1k_coca_bert.pt
+
+  # continue a run that stopped, and export a finished checkpoint on its own
+  python textteacher.py --resume runs/NAME
+  python textteacher.py --export runs/NAME/checkpoint.pt
+
+The file reads top to bottom: configuration, data, text targets, model, losses,
+optimiser and schedules, checkpoints and export, the training loop.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class UserError(Exception):
+    """A mistake in the input (a path, a file, a flag): reported in one line, exit code 2."""
+    code = 2
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite: reported in one line, exit code 1."""
+    code = 1
+
+
+class Interrupted(UserError):
+    """Ctrl-C or SIGTERM: the run saved a checkpoint and stops with the shell's code for SIGINT."""
+    code = 130
+
+
+# ----------------------------------------------------------------------------
+# Configuration
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data
+    data: str = opt("shapes", "shapes (built in, offline) | cifar100 | imagenet | PATH to a folder with train/ and val/ class sub-folders")
+    data_dir: str = opt("data", "where CIFAR-100 is (downloaded there when missing and online), or the ImageNet root holding train/ and val/")
+    text: str = opt("", "embeddings file written by caption_embed.py; empty = the plain baseline (no text head is built)")
+    text_std: bool = opt(False, "divide the centred targets by their per-dimension std as well (the paper: centring only)")
+    # model
+    model: str = opt("small", "ViT size: micro 128/6/4 (this project's, for CPUs) | tiny 192/12/3 | small 384/12/6 | base 768/12/12 | large 1024/24/16 (width/depth/heads)")
+    img_size: int = opt(224, "input resolution in pixels")
+    patch_size: int = opt(16, "patch side in pixels; the sequence is (img_size / patch_size) ** 2 patch tokens plus the CLS token")
+    drop_path: float = opt(0.05, "stochastic depth rate of the last block, increasing linearly from 0 in the first (DeiT III: 0.05 for ViT-S)")
+    # the TextTeacher objective: L = lam_e * w * L_txt + (1 - lam_e) * L_cls
+    text_loss_lambda: float = opt(0.5, "lam in [0, 1): the text loss weight; 0 is the baseline; the paper uses 0.5")
+    lambda_schedule: str = opt("constant", "lam_e per epoch: constant | linear | cosine | fullcosine | jump-A-B-R (lam until epoch A, linearly to R*lam at epoch B)")
+    adaptive_weight: bool = opt(True, "w = ||dL_cls/dF|| / ||dL_txt/dF|| at the post-norm feature F, every step; off: w = 1")
+    text_loss: str = opt("clip", "clip: symmetric cross-entropy on raw dot products (the paper) | infonce: the same on cosine similarities / --temperature")
+    temperature: float = opt(0.1, "temperature of --text-loss infonce (unused by clip, whose head weight norm is an implicit temperature)")
+    freeze_text_head: bool = opt(False, "keep the text head at its random initialisation (an ablation of the paper)")
+    # recipe
+    epochs: int = opt(100, "training epochs")
+    batch_size: int = opt(2048, "GLOBAL batch per optimiser step, split over GPUs and --accum; the contrastive negatives are the per-device batch = batch_size / (GPUs * accum) (the paper: 2048 global, 512 per GPU)")
+    accum: int = opt(1, "gradient accumulation steps: fewer images in memory at once, but also fewer negatives in each contrastive loss")
+    optimizer: str = opt("lamb", "lamb (DeiT III, the paper) | adamw")
+    lr: float = opt(3e-3, "peak learning rate for --batch-size (the paper: 3e-3 at 2048; scale it linearly with the batch)")
+    warmup_lr: float = opt(1e-6, "learning rate at the first step of the linear warm-up")
+    min_lr: float = opt(1e-5, "learning rate at the end of the cosine decay")
+    warmup_epochs: float = opt(5, "epochs of linear warm-up before the cosine decay")
+    weight_decay: float = opt(0.02, "decoupled weight decay on weight matrices (not on biases, norms, LayerScale, position embedding or CLS token)")
+    opt_eps: float = opt(1e-7, "epsilon of the optimiser's denominator")
+    clip_grad: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    label_smoothing: float = opt(0.1, "label smoothing of the classification loss, applied once")
+    cutmix: float = opt(1.0, "CutMix Beta(alpha, alpha); 0 = off. The text targets are mixed with the labels' lambda and partner")
+    augment: str = opt("3aug", "3aug: DeiT III's 3-Augment | crop: padded random crop only | none")
+    limit: int = opt(0, "use only the first N training images and N // 4 validation images (quick tries; 0 = all)")
+    # run
+    name: str = opt("", "run name; results go to runs/NAME (default: data and time)")
+    out_dir: str = opt("runs", "folder holding the run folders")
+    seed: int = opt(0, "seed of the weights, the data order, the augmentation and CutMix")
+    workers: int = opt(-1, "data loading processes per GPU (-1: min(8, CPUs per process); 0 = load in the main process)")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | mps")
+    compile: str = opt("auto", "torch.compile the model: auto (on for CUDA, off elsewhere) | on | off")
+    ckpt_every: int = opt(0, "also checkpoint every K optimiser steps inside an epoch (0 = only at epoch ends)")
+    log_every: int = opt(50, "read losses back from the device every N steps (progress line, NaN check)")
+    resume: str = opt("", "continue the run of this checkpoint file or run folder exactly where it stopped")
+    export: str = opt("", "only export this checkpoint's ViT (text parts removed) to model.safetensors, config.json and model.pt2, then exit")
+
+
+# Per-dataset presets, applied over the defaults above and under the command line.
+# imagenet is the paper's recipe (DeiT III with ViT-S/16); cifar100 and shapes are this
+# project's choices for small images, not the paper's.
+PRESETS = {
+    "imagenet": dict(),
+    "cifar100": dict(img_size=32, patch_size=4, model="tiny", epochs=200, batch_size=256, optimizer="adamw",
+                     lr=1e-3, weight_decay=0.05, opt_eps=1e-8, warmup_epochs=5, drop_path=0.1),
+    "shapes": dict(img_size=32, patch_size=8, model="micro", epochs=8, batch_size=128, optimizer="adamw",
+                   lr=2e-3, weight_decay=0.05, opt_eps=1e-8, warmup_epochs=1, drop_path=0.0, cutmix=0.0,
+                   augment="crop", workers=0, log_every=10),
+}
+MODEL_SIZES = {"micro": (128, 6, 4), "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+# Fields that may differ when a run is continued: they change how, not what, is computed.
+RESUME_FREE = {"workers", "device", "compile", "ckpt_every", "log_every", "resume", "export"}
+
+
+def parse_config(argv=None):
+    """The command line is generated from Config, so --help lists every field with its default."""
+    parser = argparse.ArgumentParser(description="TextTeacher: a ViT classifier taught by captions.",
+                                     epilog="Presets by --data (applied before the flags you give): "
+                                     + "; ".join(f"{k}: {v or 'the defaults above'}" for k, v in PRESETS.items()))
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"{f.metadata['help']} (default: {f.default})")
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f"{f.metadata['help']} (default: {f.default!r})")
+    given = vars(parser.parse_args(argv))
+    cfg = Config()
+    data = given.get("data", cfg.data)
+    preset = PRESETS.get(data, PRESETS["imagenet"])  # any folder gets the ImageNet recipe
+    for key, value in {**preset, **given}.items():
+        setattr(cfg, key, value)
+    return cfg, set(given)
+
+
+def check_config(cfg):
+    """Catch impossible settings before anything is loaded."""
+    if not 0 <= cfg.text_loss_lambda < 1:
+        raise UserError(f"--text-loss-lambda must be in [0, 1), got {cfg.text_loss_lambda}: 1 would switch the classification loss off")
+    if cfg.model not in MODEL_SIZES:
+        raise UserError(f"--model {cfg.model!r} is not one of {', '.join(MODEL_SIZES)}")
+    if cfg.img_size % cfg.patch_size:
+        raise UserError(f"--img-size {cfg.img_size} is not a multiple of --patch-size {cfg.patch_size}")
+    if cfg.text_loss not in ("clip", "infonce"):
+        raise UserError(f"--text-loss must be clip or infonce, got {cfg.text_loss!r}")
+    if cfg.optimizer not in ("lamb", "adamw"):
+        raise UserError(f"--optimizer must be lamb or adamw, got {cfg.optimizer!r}")
+    if cfg.augment not in ("3aug", "crop", "none"):
+        raise UserError(f"--augment must be 3aug, crop or none, got {cfg.augment!r}")
+    if cfg.compile not in ("auto", "on", "off"):
+        raise UserError(f"--compile must be auto, on or off, got {cfg.compile!r}")
+    lambda_at(cfg, 0)  # validates the schedule's name
+
+
+# ----------------------------------------------------------------------------
+# Data: the built-in shapes set, CIFAR-100, image folders (ImageNet)
+
+# shapes: 32x32 images of one of ten shapes; the kind is the class. Colour, size, place
+# and background vary and each caption names them, so a caption says more than a label.
+SHAPE_KINDS = ("circle", "ring", "square", "diamond", "triangle", "plus", "cross", "star", "hexagon", "heart")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40),
+           "purple": (150, 60, 200), "orange": (245, 140, 30), "pink": (240, 120, 190), "cyan": (40, 200, 210)}
+SIZES = {"small": 0.16, "medium": 0.24, "large": 0.34}  # radius as a fraction of the image side
+PLACES = {"top left": (0.27, 0.27), "top": (0.5, 0.27), "top right": (0.73, 0.27),
+          "left": (0.27, 0.5), "centre": (0.5, 0.5), "right": (0.73, 0.5),
+          "bottom left": (0.27, 0.73), "bottom": (0.5, 0.73), "bottom right": (0.73, 0.73)}
+TEMPLATES = ("a {size} {colour} {shape} near the {place} on a {bg} background",
+             "a {bg} picture with a {size} {colour} {shape} near the {place}",
+             "{size} {colour} {shape} in the {place} of a {bg} image")
+SHAPES_SPLITS = {"train": (4000, 0), "val": (1000, 1)}  # split: (images, seed)
+
+
+def shape_mask(kind, dx, dy):
+    """Inside-test of a shape of radius 1 at offsets (dx, dy) from its centre, y pointing down."""
+    d, a = np.hypot(dx, dy), np.arctan2(dy, dx)
+    big = np.maximum(abs(dx), abs(dy))
+    masks = {
+        "circle": lambda: d <= 1,
+        "ring": lambda: (d <= 1) & (d >= 0.6),
+        "square": lambda: big <= 0.8,
+        "diamond": lambda: abs(dx) + abs(dy) <= 1,
+        "triangle": lambda: (dy >= -1) & (dy <= 0.75) & (abs(dx) <= (dy + 1) * 0.62),
+        "plus": lambda: ((abs(dx) <= 0.28) | (abs(dy) <= 0.28)) & (big <= 1),
+        "cross": lambda: ((abs(dx - dy) <= 0.4) | (abs(dx + dy) <= 0.4)) & (big <= 0.8),
+        "star": lambda: d <= 0.5 + 0.5 * np.cos(5 * (a + np.pi / 2)).clip(0) ** 0.7,
+        "hexagon": lambda: (abs(dy) <= 0.866) & (abs(dx) * 0.866 + abs(dy) * 0.5 <= 0.866),
+        "heart": lambda: ((1.2 * dx) ** 2 + (0.25 - 1.2 * dy) ** 2 - 1) ** 3 - (1.2 * dx) ** 2 * (0.25 - 1.2 * dy) ** 3 <= 0,
+    }
+    return masks[kind]()
+
+
+def make_shapes(n, seed, size=32):
+    """Draw n captioned images, deterministically from the seed: (uint8 [n, size, size, 3], labels [n], captions)."""
+    rng = np.random.default_rng(seed)
+    s = 2 * size  # drawn at twice the resolution, then averaged down: smooth edges
+    yy, xx = np.mgrid[0:s, 0:s] + 0.5
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, len(SHAPE_KINDS), n)
+    captions = []
+    for i in range(n):
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        size_name = list(SIZES)[rng.integers(len(SIZES))]
+        place = list(PLACES)[rng.integers(len(PLACES))]
+        bg = "dark" if rng.random() < 0.5 else "light"
+        r = SIZES[size_name] * s * rng.uniform(0.9, 1.1)
+        cx, cy = (np.array(PLACES[place]) + rng.uniform(-0.05, 0.05, 2)) * s
+        img = np.full((s, s, 3), rng.uniform(10, 70) if bg == "dark" else rng.uniform(180, 245))
+        img += rng.normal(0, 12, (s, s, 1))
+        img[shape_mask(SHAPE_KINDS[labels[i]], (xx - cx) / r, (yy - cy) / r)] = np.array(COLOURS[colour]) + rng.normal(0, 15, 3)
+        images[i] = img.reshape(size, 2, size, 2, 3).mean((1, 3)).clip(0, 255).round().astype(np.uint8)
+        template = TEMPLATES[rng.integers(len(TEMPLATES))]
+        captions.append(template.format(size=size_name, colour=colour, shape=SHAPE_KINDS[labels[i]], place=place, bg=bg))
+    return images, labels.astype(np.int64), captions
+
+
+_shapes_cache = {}
+
+
+def shapes_split(split):
+    """The fixed train (4000 images, seed 0) or val (1000 images, seed 1) split of shapes."""
+    if split not in _shapes_cache:
+        _shapes_cache[split] = make_shapes(*SHAPES_SPLITS[split])
+    return _shapes_cache[split]
+
+
+def load_cifar100(data_dir, split):
+    """CIFAR-100 from torchvision's on-disk format (DIR/cifar-100-python/{train,test,meta}), downloaded if missing."""
+    root = os.path.join(data_dir, "cifar-100-python")
+    if not os.path.isdir(root):
+        import torchvision
+        try:
+            torchvision.datasets.CIFAR100(data_dir, download=True)
+        except Exception as e:
+            raise UserError(f"CIFAR-100 is not in {root} and could not be downloaded ({type(e).__name__}); "
+                            f"put torchvision's cifar-100-python folder there or pass --data-dir") from None
+    try:
+        with open(os.path.join(root, "train" if split == "train" else "test"), "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        with open(os.path.join(root, "meta"), "rb") as f:
+            names = pickle.load(f, encoding="latin1")["fine_label_names"]
+        images = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(d["fine_labels"], dtype=np.int64)
+    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        raise UserError(f"{root} is not a readable CIFAR-100 folder ({type(e).__name__}: {e}); delete it to download it again") from None
+    return images, labels, list(names)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def folder_root(data, data_dir):
+    return data_dir if data == "imagenet" else data
+
+
+def scan_folder(root, split):
+    """The samples of root/split/CLASS/*.jpg as (paths, labels, classes), classes sorted like ImageFolder."""
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise UserError(f"no folder {split_dir}: the data folder must hold train/ and val/ with one sub-folder per class")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        raise UserError(f"{split_dir} has no class sub-folders: put the images of each class in a folder of its own")
+    paths, labels = [], []
+    for label, c in enumerate(classes):
+        files = sorted(os.path.join(dp, fn) for dp, _, fns in os.walk(os.path.join(split_dir, c), followlinks=True)
+                       for fn in fns if fn.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise UserError(f"class folder {os.path.join(split_dir, c)} has no images; remove it or add its images")
+        paths += files
+        labels += [label] * len(files)
+    return paths, np.array(labels, dtype=np.int64), classes
+
+
+def class_names(data, data_dir):
+    """(keys, names) of the classes in label order; keys are what class-level text files are keyed by."""
+    if data == "shapes":
+        return list(SHAPE_KINDS), list(SHAPE_KINDS)
+    if data == "cifar100":
+        names = load_cifar100(data_dir, "train")[2]
+        return names, [n.replace("_", " ") for n in names]
+    classes = scan_folder(folder_root(data, data_dir), "train")[2]
+    return classes, classes
+
+
+class ImageSet(Dataset):
+    """One split as uint8 [3, H, W] tensors with labels: from memory (shapes, CIFAR) or from files (folders)."""
+
+    def __init__(self, images=None, paths=None, labels=None, img_size=32):
+        self.images, self.paths, self.labels, self.img_size = images, paths, torch.as_tensor(labels), img_size
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i):
+        if self.images is not None:
+            img = torch.from_numpy(self.images[i]).permute(2, 0, 1)  # shape = [3, H, W]
+            if img.shape[-1] != self.img_size:
+                img = TF.resize(img, self.img_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            return img
+        from PIL import Image
+        try:
+            with Image.open(self.paths[i]) as im:
+                im = im.convert("RGB")
+        except Exception as e:
+            raise UserError(f"cannot decode image {self.paths[i]} ({type(e).__name__}); delete or replace the file") from None
+        # resize the short side to img_size, bicubic, as in 3-Augment and in evaluation
+        return TF.pil_to_tensor(TF.resize(im, self.img_size, interpolation=TF.InterpolationMode.BICUBIC))
+
+
+def build_data(cfg):
+    """(train set, val set, keys of the training samples, class keys) for --data."""
+    if cfg.data == "shapes":
+        (ti, tl, _), (vi, vl, _) = shapes_split("train"), shapes_split("val")
+        train, val = ImageSet(ti, labels=tl, img_size=cfg.img_size), ImageSet(vi, labels=vl, img_size=cfg.img_size)
+        keys, classes = [str(i) for i in range(len(tl))], list(SHAPE_KINDS)
+    elif cfg.data == "cifar100":
+        ti, tl, classes = load_cifar100(cfg.data_dir, "train")
+        vi, vl, _ = load_cifar100(cfg.data_dir, "val")
+        train, val = ImageSet(ti, labels=tl, img_size=cfg.img_size), ImageSet(vi, labels=vl, img_size=cfg.img_size)
+        keys = [str(i) for i in range(len(tl))]
+    else:
+        root = folder_root(cfg.data, cfg.data_dir)
+        if not os.path.isdir(root) or not os.listdir(root):
+            raise UserError(f"data folder {root} is missing or empty: pass the folder that holds train/ and val/")
+        tp, tl, classes = scan_folder(root, "train")
+        vp, vl, vclasses = scan_folder(root, "val")
+        if vclasses != classes:
+            raise UserError(f"{root}/val has other class folders than {root}/train; they must match")
+        train, val = ImageSet(paths=tp, labels=tl, img_size=cfg.img_size), ImageSet(paths=vp, labels=vl, img_size=cfg.img_size)
+        keys = [os.path.basename(p) for p in tp]  # the released encodings are keyed by image file name
+    if cfg.limit:
+        train, val, keys = Prefix(train, cfg.limit), Prefix(val, max(cfg.limit // 4, 1)), keys[:cfg.limit]
+    return train, val, keys, classes
+
+
+class Prefix(Dataset):
+    """The first n samples of an ImageSet (--limit)."""
+
+    def __init__(self, base, n):
+        self.base, self.labels = base, base.labels[:n]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i):
+        return self.base.load(i)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class OneOf(nn.Module):
+    """Apply one of the transforms, chosen with torch's RNG (so one seed fixes all augmentation)."""
+
+    def __init__(self, transforms):
+        super().__init__()
+        self.transforms = transforms
+
+    def forward(self, x):
+        return self.transforms[int(torch.randint(len(self.transforms), ()))](x)
+
+
+def train_transform(cfg):
+    """3-Augment (DeiT III): padded random crop, flip, one of {grayscale, solarize, blur}, colour jitter."""
+    if cfg.augment == "none":
+        return T.Compose([T.CenterCrop(cfg.img_size)])
+    crop = T.RandomCrop(cfg.img_size, padding=4, padding_mode="reflect")
+    if cfg.augment == "crop":
+        return crop
+    return T.Compose([crop, T.RandomHorizontalFlip(),
+                      OneOf([T.Grayscale(3), T.RandomSolarize(128, p=1.0), T.GaussianBlur(7, sigma=(0.2, 2.0))]),
+                      T.ColorJitter(0.3, 0.3, 0.3)])
+
+
+def normalize(images):
+    """uint8 [B, 3, H, W] -> float, ImageNet mean and std (done on the device, after the copy)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+class TrainSet(Dataset):
+    """Training samples, each augmented with a seed of its own: (uint8 image, label, sample index).
+
+    The sampler hands out (index, seed) pairs. Seeding each sample's augmentation makes
+    it independent of which worker draws it, so a run resumed mid-epoch sees exactly the
+    crops the uninterrupted run would have seen.
+    """
+
+    def __init__(self, base, transform, labels):
+        self.base, self.transform, self.labels = base, transform, labels
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index_seed):
+        i, seed = index_seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            img = self.transform(self.base.load(i))
+        return img, self.labels[i], i
+
+
+class EvalSet(Dataset):
+    """Validation samples: resize (done in ImageSet) and centre crop; no text."""
+
+    def __init__(self, base, img_size):
+        self.base, self.crop = base, T.CenterCrop(img_size)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.crop(self.base.load(i)), self.base.labels[i]
+
+
+class EpochSampler(Sampler):
+    """A seeded permutation per epoch; this rank's share of every optimiser step; can start mid-epoch.
+
+    Step s of an epoch uses perm[s * B : (s + 1) * B] for the global batch B. Micro-batch a
+    of rank r takes the slice ((a * world + r) * m, +m) of it, m = B / (world * accum).
+    The incomplete last batch is dropped, as in DeiT.
+    """
+
+    def __init__(self, n, batch_size, accum, rank, world, seed):
+        self.n, self.batch_size, self.accum, self.rank, self.world, self.seed = n, batch_size, accum, rank, world, seed
+        self.micro = batch_size // (world * accum)
+        self.steps = n // batch_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start = epoch, start_step
+
+    def __len__(self):
+        return (self.steps - self.start) * self.accum * self.micro
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for s in range(self.start, self.steps):
+            for a in range(self.accum):
+                first = s * self.batch_size + (a * self.world + self.rank) * self.micro
+                for pos in range(first, first + self.micro):
+                    # one seed per (run seed, epoch, position): the same sample at the same place
+                    yield perm[pos], (self.seed * 1_000_003 + self.epoch) * 10_000_019 + pos
+
+
+# ----------------------------------------------------------------------------
+# Text targets: one frozen embedding per training image (or per class)
+
+class TextTargets:
+    """The embeddings file of caption_embed.py, memory-mapped, matched to the training samples.
+
+    targets(index, label) returns the centred vectors of a batch: t = E[row] - mean (and / std
+    with --text-std). Centring removes the direction every caption shares (the encoder's
+    common offset), which would otherwise dominate every dot product of the contrastive loss.
+    """
+
+    def __init__(self, path, train_keys, class_keys, std=False):
+        if not os.path.isfile(path):
+            raise UserError(f"embeddings file {path} not found; write it with caption_embed.py (see README)")
+        try:
+            # mmap: the (N, D) matrix stays on disk and in the page cache, shared by every
+            # process of the machine, instead of one private copy each (5 GB for ImageNet).
+            emb = torch.load(path, mmap=True, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path} is not a readable embeddings file ({type(e).__name__}); write it again with caption_embed.py") from None
+        if not isinstance(emb, dict) or emb.get("format") != "textteacher-embeddings-v1":
+            raise UserError(f"{path} is not an embeddings file of caption_embed.py (no 'textteacher-embeddings-v1' format tag)")
+        self.path, self.level, self.encoder = path, emb["level"], emb.get("encoder", "")
+        self.vectors, keys = emb["embeddings"], emb["keys"]
+        self.dim = self.vectors.shape[1]
+        if emb.get("split", "train") != "train":
+            raise UserError(f"{path} holds the {emb['split']!r} split; TextTeacher needs the captions of the training images")
+        self.mean, self.std = emb["mean"].float(), (emb["std"].float().clamp_min(1e-6) if std else None)
+        self.check_finite(path)
+        row_of = {k: r for r, k in enumerate(keys)}
+        wanted = class_keys if self.level == "class" else train_keys
+        rows = [row_of.get(k, -1) for k in wanted]
+        missing = [k for k, r in zip(wanted, rows) if r < 0]
+        if missing:
+            what = "classes" if self.level == "class" else "training images"
+            hint = " (no key matches: was it made for another dataset?)" if len(missing) == len(wanted) else ""
+            raise UserError(f"{len(missing)} of {len(wanted)} {what} have no text target in {path}{hint}, "
+                            f"e.g. {', '.join(missing[:3])}; embed their captions with caption_embed.py")
+        self.rows = torch.tensor(rows, dtype=torch.long)  # sample (or class) -> row of the file
+        self.val_vectors = emb.get("val_embeddings")
+        self.val_keys = emb.get("val_keys")
+
+    def check_finite(self, path):
+        for start in range(0, len(self.vectors), 65536):  # chunked: never the whole file in RAM
+            if not torch.isfinite(self.vectors[start:start + 65536]).all():
+                raise UserError(f"{path} contains NaN or inf values; write it again with caption_embed.py")
+
+    def targets(self, index, label):
+        """Centred targets [B, D] for a batch, by sample index (image level) or by label (class level)."""
+        rows = self.rows[label if self.level == "class" else index]
+        t = self.vectors[rows].float() - self.mean
+        return t / self.std if self.std is not None else t
+
+
+# ----------------------------------------------------------------------------
+# Model: a DeiT III ViT with timm's parameter names, and the text head
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, width):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        x = self.proj(x)  # shape = [B, width, grid, grid]
+        return x.flatten(2).transpose(1, 2)  # shape = [B, grid ** 2, width]
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=True)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # shape = [3, B, heads, N, C / heads]
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # shape = [B, heads, N, C / heads]
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))  # shape = [B, N, C]
+
+
+class MLP(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale, initialised small (1e-4) so that every block starts near identity."""
+
+    def __init__(self, width, init=1e-4):
+        super().__init__()
+        self.gamma = nn.Parameter(init * torch.ones(width))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole samples, rescaling the kept ones."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, width, heads, mlp_ratio, drop_path):
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(width, eps=1e-6), Attention(width, heads), LayerScale(width)
+        self.norm2, self.mlp, self.ls2 = nn.LayerNorm(width, eps=1e-6), MLP(width, int(width * mlp_ratio)), LayerScale(width)
+        self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """The classifier, and the whole deployed model: no text part lives here."""
+
+    def __init__(self, num_classes, img_size=224, patch_size=16, width=384, depth=12, heads=6, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.width = width
+        self.patch_embed = PatchEmbed(patch_size, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        # position embedding for the patch tokens only: the CLS token has no position (DeiT III)
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2, width))
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linearly increasing with depth
+        self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, num_classes)
+        init_weights(self)
+
+    def forward_features(self, x):
+        """Images [B, 3, H, W] -> the post-norm CLS feature [B, width] that both heads read."""
+        x = self.patch_embed(x) + self.pos_embed  # shape = [B, grid ** 2, width]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # shape = [B, grid ** 2 + 1, width]
+        x = self.norm(self.blocks(x))
+        return x[:, 0]  # shape = [B, width]
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))  # shape = [B, num_classes]
+
+
+def init_weights(vit):
+    """DeiT III's initialisation: truncated normal (std 0.02) for linear layers and the learned
+    tokens, zero biases, unit LayerNorms; the patch convolution keeps PyTorch's default;
+    LayerScale starts at 1e-4 (set in LayerScale). The text head is not touched here."""
+    for m in vit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+    nn.init.trunc_normal_(vit.cls_token, std=0.02)
+
+
+class TextTeacher(nn.Module):
+    """The ViT plus the text head used in training: returns (logits, z, F).
+
+    The text head is one Linear(width -> D) with PyTorch's default initialisation,
+    reading the same post-norm CLS feature F as the classifier. It exists only for the
+    auxiliary loss and is thrown away at export. text_dim = 0 builds none (the baseline).
+    """
+
+    def __init__(self, vit, text_dim=0, freeze_head=False):
+        super().__init__()
+        self.vit = vit
+        self.text_head = nn.Linear(vit.width, text_dim) if text_dim else None
+        if self.text_head is not None and freeze_head:
+            self.text_head.requires_grad_(False)
+
+    def forward(self, x):
+        feat = self.vit.forward_features(x)  # shape = [B, width]
+        z = self.text_head(feat) if self.text_head is not None else None  # shape = [B, D]
+        return self.vit.head(feat), z, feat
+
+
+def build_model(cfg, num_classes, text_dim):
+    width, depth, heads = MODEL_SIZES[cfg.model]
+    vit = ViT(num_classes, cfg.img_size, cfg.patch_size, width, depth, heads, drop_path=cfg.drop_path)
+    return TextTeacher(vit, text_dim, cfg.freeze_text_head)
+
+
+# ----------------------------------------------------------------------------
+# Losses: the alignment loss, the adaptive weight, the lambda schedule
+
+def clip_loss(z, t):
+    """The paper's alignment loss on raw dot products:
+
+        logits = z @ t^T,   L_txt = ( CE(logits, arange(B)) + CE(logits^T, arange(B)) ) / 2
+
+    Row i of logits scores image i against every caption of the batch, column j caption j
+    against every image: the first term picks the right caption for each image, the second
+    the right image for each caption. No normalisation and no temperature: the norm of the
+    head's weights acts as a learned temperature. Images of the same class are negatives too.
+    """
+    logits = z @ t.T  # shape = [B, B]
+    labels = torch.arange(len(z), device=z.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def infonce_loss(z, t, temperature):
+    """Ablation: the same symmetric loss on cosine similarities divided by a temperature."""
+    return clip_loss(F.normalize(z, dim=-1) / temperature, F.normalize(t, dim=-1))
+
+
+def adaptive_weight(loss_cls, loss_txt, feat):
+    """w = ( ||dL_cls/dF|| + 1e-7 ) / ( ||dL_txt/dF|| + 1e-7 ), Frobenius norms over the batch.
+
+    F is the post-norm feature both heads read, so with lam = 0.5 the two losses push the
+    backbone equally hard, whatever their scales. w is a number, not part of the graph
+    (detached), and stays a tensor on the device: reading it would synchronise every step.
+    """
+    g_cls, = torch.autograd.grad(loss_cls, feat, retain_graph=True)
+    g_txt, = torch.autograd.grad(loss_txt, feat, retain_graph=True)
+    return ((g_cls.norm() + 1e-7) / (g_txt.norm() + 1e-7)).detach()
+
+
+def lambda_at(cfg, epoch):
+    """lam_e, the text loss weight of epoch e (0-based) for E epochs and lam = --text-loss-lambda:
+
+    constant lam | linear lam * (E - e) / E | cosine lam * cos(pi e / 2E) | fullcosine
+    lam / 2 * (1 + cos(pi e / E)) | jump-A-B-R: lam for e < A, then linearly down to R * lam
+    at e = B, R * lam after (jump-30-50-0 switches the text loss off between 30 and 50).
+    """
+    lam, E, e, name = cfg.text_loss_lambda, cfg.epochs, epoch, cfg.lambda_schedule
+    if name == "constant":
+        return lam
+    if name == "linear":
+        return lam * (E - e) / E
+    if name == "cosine":
+        return lam * math.cos(math.pi * e / (2 * E))
+    if name == "fullcosine":
+        return lam / 2 * (1 + math.cos(math.pi * e / E))
+    if name.startswith("jump-"):
+        try:
+            a, b, r = (float(v) for v in name[5:].split("-"))
+        except ValueError:
+            raise UserError(f"--lambda-schedule {name!r}: write jump-A-B-R, e.g. jump-30-50-0") from None
+        if not a <= b:
+            raise UserError(f"--lambda-schedule {name!r}: A must not be after B")
+        if e < a:
+            return lam
+        if e >= b:
+            return r * lam
+        return lam * (1 - (1 - r) * (e - a) / (b - a))
+    raise UserError(f"--lambda-schedule {name!r} is not constant, linear, cosine, fullcosine or jump-A-B-R")
+
+
+def cutmix(images, y, t, alpha, seed):
+    """CutMix with one lambda per batch and the flipped batch as partner (timm's rule).
+
+    A box of the partner image is pasted in; lambda is corrected to the pasted area; the
+    soft labels y and the text targets t are mixed with that same lambda and partner:
+    t_i <- lam * t_i + (1 - lam) * t_partner(i), so the positive pair stays on the diagonal.
+    Deterministic given the seed, so CutMix needs no state in a checkpoint.
+    """
+    rng = np.random.default_rng(seed)
+    lam = rng.beta(alpha, alpha)
+    H, W = images.shape[-2:]
+    ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+    cy, cx = rng.integers(H), rng.integers(W)
+    y1, y2, x1, x2 = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+    images = images.clone()
+    images[:, :, y1:y2, x1:x2] = images.flip(0)[:, :, y1:y2, x1:x2]
+    lam = 1 - (y2 - y1) * (x2 - x1) / (H * W)
+    y = lam * y + (1 - lam) * y.flip(0)
+    t = lam * t + (1 - lam) * t.flip(0) if t is not None else None
+    return images, y, t, lam
+
+
+# ----------------------------------------------------------------------------
+# Optimiser and learning-rate schedule
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020), the optimiser of DeiT III's recipe. For each tensor p:
+
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2;   t = step
+        u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + wd * p
+        p = p - lr * r * u,   r = ||p|| / ||u|| (1 if either is 0)   where wd > 0, else r = 1
+
+    The trust ratio r gives every weight matrix a step proportional to its own norm, which
+    is what lets a 2048 batch train at lr 3e-3. As in timm's Lamb, tensors without weight
+    decay (biases, norms) take plain Adam steps.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                u = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+                if wd != 0:
+                    u.add_(p, alpha=wd)
+                    w_norm, u_norm = p.norm(), u.norm()
+                    u.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0))
+                p.add_(u, alpha=-lr)
+
+
+def build_optimizer(cfg, model, device):
+    """Weight decay on weight matrices only: biases, norms, LayerScale, pos_embed and cls_token are exempt."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    if cfg.optimizer == "lamb":
+        return Lamb(groups, lr=cfg.lr, eps=cfg.opt_eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.opt_eps, fused=device.type == "cuda")
+
+
+def lr_at(cfg, step, steps_per_epoch):
+    """Linear warm-up from warmup_lr to lr over warmup_epochs, then cosine down to min_lr, per step."""
+    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints and export
+
+def rng_state():
+    """Every RNG that decides the future of the run, in types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(save, path):
+    """Write through a temporary file and rename it into place: a crash mid-write leaves
+    the previous file intact, never a truncated one."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # same folder (so the rename is atomic), same extension
+    try:
+        save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """A checkpoint file, or the checkpoint.pt of a run folder."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}; pass a checkpoint file or a run folder holding checkpoint.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); use the run's previous checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "textteacher-checkpoint-v1":
+        raise UserError(f"{path} is not a checkpoint of textteacher.py")
+    return ckpt, path
+
+
+def timm_config(model_args):
+    """Keyword arguments that build the same network as timm's VisionTransformer."""
+    a = model_args
+    return dict(img_size=a["img_size"], patch_size=a["patch_size"], num_classes=a["num_classes"], embed_dim=a["width"],
+                depth=a["depth"], num_heads=a["heads"], mlp_ratio=a["mlp_ratio"], qkv_bias=True, class_token=True,
+                no_embed_class=True, init_values=1e-4, global_pool="token")
+
+
+def export(vit, model_args, classes, out_dir):
+    """Write the deployable ViT: model.safetensors + config.json, and a torch.export program model.pt2.
+
+    Nothing textual is exported: the text head lives outside the ViT (in TextTeacher) and
+    is simply not part of vit.state_dict(). Both written forms are checked to give the
+    logits of the training model in eval mode. Load the weights in a few lines:
+
+        cfg = json.load(open("config.json"))
+        vit = ViT(**cfg["model_args"])                      # or timm's VisionTransformer(**cfg["timm_kwargs"])
+        vit.load_state_dict(safetensors.torch.load_file("model.safetensors"))
+    """
+    from safetensors.torch import load_file, save_file
+    vit = vit.eval()
+    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+    leaked = [k for k in state if "text" in k]
+    if leaked:
+        raise RuntimeError(f"text parameters in the exported ViT: {leaked}")
+    os.makedirs(out_dir, exist_ok=True)
+    config = dict(model_args=model_args, timm_kwargs=timm_config(model_args), classes=list(classes),
+                  input=dict(size=model_args["img_size"], mean=IMAGENET_MEAN, std=IMAGENET_STD, range="RGB in [0, 1], then normalised"))
+    save_atomic(lambda p: save_file(state, p), os.path.join(out_dir, "model.safetensors"))
+    save_atomic(lambda p: open(p, "w").write(json.dumps(config, indent=2)), os.path.join(out_dir, "config.json"))
+
+    # check: a fresh ViT built from the written files gives exactly the same logits
+    x = torch.randn(4, 3, model_args["img_size"], model_args["img_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = vit.cpu()(x)
+        fresh = ViT(**model_args).eval()
+        fresh.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=True)
+        if not torch.equal(fresh(x), reference):
+            raise RuntimeError("the exported weights do not reproduce the training model's logits")
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(fresh, (x,), dynamic_shapes={"x": {0: batch}})
+    save_atomic(lambda p: torch.export.save(program, p), os.path.join(out_dir, "model.pt2"))
+    with torch.no_grad():
+        exported = torch.export.load(os.path.join(out_dir, "model.pt2")).module()(x)
+    if not torch.allclose(exported, reference, rtol=1e-5, atol=1e-5):
+        raise RuntimeError("the torch.export program does not reproduce the training model's logits")
+    return out_dir
+
+
+def export_checkpoint(path):
+    """--export CHECKPOINT: rebuild the model from the checkpoint and export its ViT beside it."""
+    ckpt, path = load_checkpoint(path)
+    model = TextTeacher(ViT(**ckpt["model_args"]), ckpt["text_dim"])
+    model.load_state_dict(ckpt["model"])
+    out = export(model.vit, ckpt["model_args"], ckpt["classes"], os.path.join(os.path.dirname(path), "export"))
+    print(f"exported the ViT of {path} to {out}")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(vit, loader, device, autocast, ddp):
+    """Top-1 and top-5 accuracy in %, counted over samples (not a mean of batch means) and
+    summed over all ranks; each rank holds a disjoint share of the validation set."""
+    vit.eval()
+    counts = torch.zeros(3, device=device, dtype=torch.float64)  # correct top-1, correct top-5, seen
+    for images, labels in loader:
+        images, labels = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        with autocast:
+            logits = vit(images)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # shape = [B, 5]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+    if ddp:
+        dist.all_reduce(counts)
+    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+
+
+# ----------------------------------------------------------------------------
+# Training
+
+def train(cfg, given, stop=None):
+    """Train, evaluate every epoch, checkpoint, export. stop["signal"] is set by main's signal handler."""
+    stop = stop if stop is not None else {"signal": None}
+    # -- setup: distributed, device, precision -------------------------------
+    # One distributed path: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this
+    # is a single process.
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    master = rank == 0
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" and ddp else cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # bf16 autocast on CUDA (no loss scaler needed, unlike fp16); fp32 elsewhere
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+    # -- resume: the checkpoint's config decides everything but how to compute -------
+    ckpt = None
+    if cfg.resume:
+        ckpt, ckpt_path = load_checkpoint(cfg.resume)
+        saved = ckpt["config"]
+        clash = [k for k in sorted(given) if k not in RESUME_FREE and getattr(cfg, k) != saved[k]]
+        if clash:
+            raise UserError(f"--resume {ckpt_path} is a run with other settings ({', '.join(f'{k}={saved[k]!r}' for k in clash)}); "
+                            "drop those flags to continue it, or start a new run")
+        for k, v in saved.items():
+            if k not in RESUME_FREE or k not in given:
+                setattr(cfg, k, v)
+        run_dir = os.path.dirname(ckpt_path)
+    else:
+        cfg.name = cfg.name or f"{os.path.basename(cfg.data.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = os.path.join(cfg.out_dir, cfg.name)
+        if master and os.path.exists(os.path.join(run_dir, "config.json")):
+            raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --name")
+
+    # -- data ------------------------------------------------------------------------
+    micro = cfg.batch_size // (world * cfg.accum)  # the per-device batch: also the number of contrastive candidates
+    if micro * world * cfg.accum != cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes x --accum {cfg.accum}")
+    use_text = bool(cfg.text) and cfg.text_loss_lambda > 0
+    if use_text and micro < 2:
+        raise UserError(f"the per-device batch is {micro}: the contrastive loss needs at least 2 images per device; "
+                        "raise --batch-size or lower --accum")
+    train_base, val_base, keys, classes = build_data(cfg)
+    text = TextTargets(cfg.text, keys, classes, cfg.text_std) if use_text else None
+    if ckpt and ckpt["text_dim"] != (text.dim if text else 0):
+        raise UserError(f"the checkpoint's text head has {ckpt['text_dim']} dimensions but {cfg.text} has "
+                        f"{text.dim if text else 0}; resume with the embeddings file the run started with")
+    if ckpt and ckpt["classes"] != list(classes):
+        raise UserError(f"the checkpoint was trained on {len(ckpt['classes'])} other classes; resume with the run's dataset")
+    steps_per_epoch = len(train_base) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(train_base)} training images")
+    workers = cfg.workers if cfg.workers >= 0 else min(8, (os.cpu_count() or 2) // max(world, 1))
+    sampler = EpochSampler(len(train_base), cfg.batch_size, cfg.accum, rank, world, cfg.seed)
+    # Loaders get a generator of their own so that creating an iterator does not draw from the
+    # global RNG (which drives stochastic depth): a resumed run must see the same RNG stream.
+    loader_args = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                       worker_init_fn=ignore_sigint, prefetch_factor=4 if workers > 0 else None,
+                       generator=torch.Generator().manual_seed(cfg.seed))
+    train_loader = DataLoader(TrainSet(train_base, train_transform(cfg), train_base.labels), batch_size=micro,
+                              sampler=sampler, drop_last=False, **loader_args)
+    # each rank evaluates every world-th validation image: all images once, none twice
+    val_loader = DataLoader(EvalSet(val_base, cfg.img_size), batch_size=max(micro, 64),
+                            sampler=list(range(rank, len(val_base), world)), **loader_args)
+
+    # -- model and optimiser ---------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg, len(classes), text.dim if text else 0).to(device)
+    width, depth, heads = MODEL_SIZES[cfg.model]
+    model_args = dict(num_classes=len(classes), img_size=cfg.img_size, patch_size=cfg.patch_size,
+                      width=width, depth=depth, heads=heads, mlp_ratio=4.0)
+    optimizer = build_optimizer(cfg, model, device)
+    epoch, step, best, sums = 0, 0, 0.0, torch.zeros(3, device=device)  # sums of loss_cls, loss_txt, w
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch, step, best, sums = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["sums"].to(device)
+        set_rng_state(ckpt["rng"])
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
+    if use_compile:
+        train_model = torch.compile(train_model)
+
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        save_atomic(lambda p: open(p, "w").write(json.dumps(dataclasses.asdict(cfg), indent=2)), os.path.join(run_dir, "config.json"))
+        n_params = sum(p.numel() for p in model.vit.parameters())
+        print(f"run {run_dir}: {cfg.data}, {len(train_base)} training images, {len(classes)} classes; ViT-{cfg.model}/{cfg.patch_size} "
+              f"at {cfg.img_size}px ({n_params / 1e6:.2f}M parameters); "
+              + (f"text targets {cfg.text} ({text.level} level, {text.dim}-d), lambda {cfg.text_loss_lambda} {cfg.lambda_schedule}"
+                 if text else "baseline (no text head)")
+              + f"; {world} process(es) x {cfg.accum} accum x {micro} per device = batch {cfg.batch_size}; {device}"
+              + (f"; resuming at epoch {epoch + 1} step {step}" if ckpt else ""), flush=True)
+
+    def checkpoint(epoch, step):
+        """Everything that decides the rest of the run, written by rank 0 only."""
+        if not master:
+            return
+        state = dict(format="textteacher-checkpoint-v1", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     epoch=epoch, step=step, best=best, sums=sums.cpu(), rng=rng_state(), config=dataclasses.asdict(cfg),
+                     model_args=model_args, text_dim=text.dim if text else 0, classes=list(classes))
+        save_atomic(lambda p: torch.save(state, p), os.path.join(run_dir, "checkpoint.pt"))
+
+    # -- the loop ----------------------------------------------------------------------
+    num_classes = len(classes)
+    bad_step = torch.tensor(-1, device=device)  # first step whose loss was not finite, kept on the device
+    while epoch < cfg.epochs:
+        lam = lambda_at(cfg, epoch)
+        sampler.set_epoch(epoch, step)
+        model.train()
+        batches, t0, seen = iter(train_loader), time.time(), 0
+        while step < steps_per_epoch:
+            global_step = epoch * steps_per_epoch + step
+            lr = lr_at(cfg, global_step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for a in range(cfg.accum):
+                images, labels, index = next(batches)
+                images = normalize(images.to(device, non_blocking=True))
+                labels = labels.to(device, non_blocking=True)
+                targets = text.targets(index, labels.cpu()).to(device, non_blocking=True) if text else None
+                y = F.one_hot(labels, num_classes).float()
+                if cfg.cutmix > 0:
+                    images, y, targets, _ = cutmix(images, y, targets, cfg.cutmix, (cfg.seed, global_step, a, rank))
+                # DDP averages gradients only on the last micro-batch of a step
+                sync = contextlib.nullcontext() if not ddp or a == cfg.accum - 1 else train_model.no_sync()
+                with sync:
+                    with autocast:
+                        logits, z, feat = train_model(images)
+                    # the losses in fp32, outside autocast
+                    loss_cls = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    if text:
+                        loss_txt = (clip_loss(z.float(), targets) if cfg.text_loss == "clip"
+                                    else infonce_loss(z.float(), targets, cfg.temperature))
+                        w = adaptive_weight(loss_cls, loss_txt, feat) if cfg.adaptive_weight and lam > 0 else torch.ones((), device=device)
+                        # L = lam_e * w * L_txt + (1 - lam_e) * L_cls; at lam_e = 0 the text term is kept
+                        # with weight 0 so that DDP still sees a gradient (of zeros) for the text head
+                        loss = lam * w * loss_txt + (1 - lam) * loss_cls
+                    else:
+                        loss_txt, w, loss = torch.zeros((), device=device), torch.zeros((), device=device), loss_cls
+                    (loss / cfg.accum).backward()
+                sums += torch.stack([loss_cls.detach(), loss_txt.detach(), w]) / cfg.accum
+            if cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, seen = step + 1, seen + cfg.batch_size
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), global_step, bad_step)
+
+            # reading values back from the device synchronises it: only every log_every steps
+            boundary = step % cfg.log_every == 0 or step == steps_per_epoch or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+            if boundary:
+                check_finite(bad_step, run_dir)
+                if master and sys.stderr.isatty():
+                    print(f"\repoch {epoch + 1} step {step}/{steps_per_epoch} loss_cls {loss_cls.item():.4f} "
+                          f"loss_txt {loss_txt.item():.4f}", end="", file=sys.stderr, flush=True)
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < steps_per_epoch:
+                checkpoint(epoch, step)
+            if stop_requested(stop, ddp, boundary):
+                checkpoint(epoch, step)
+                raise Interrupted(f"stopped by signal {stop['signal']} at epoch {epoch + 1} step {step}; "
+                                  f"checkpoint saved, continue with --resume {run_dir}")
+
+        # -- end of epoch: evaluate, log, checkpoint ---------------------------------------
+        elapsed = time.time() - t0
+        top1, top5 = evaluate(model.vit, val_loader, device, autocast, ddp)
+        means = (sums / steps_per_epoch).tolist()
+        best = max(best, top1)
+        record = dict(epoch=epoch + 1, loss_cls=means[0], loss_txt=means[1] if text else None, w=means[2] if text else None,
+                      **{"lambda": lam if text else 0.0}, lr=lr, images_per_s=seen / elapsed, top1=top1, top5=top5,
+                      best_top1=best, epoch_time=elapsed)
+        if master:
+            print(("\r" if sys.stderr.isatty() else "")
+                  + f"epoch {epoch + 1}/{cfg.epochs} loss_cls {means[0]:.4f}"
+                  + (f" loss_txt {means[1]:.4f} w {means[2]:.3f} lambda {lam:.3f}" if text else "")
+                  + f" lr {lr:.2e} {seen / elapsed:.0f} img/s | val top1 {top1:.2f} top5 {top5:.2f}", flush=True)
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        epoch, step, sums = epoch + 1, 0, torch.zeros(3, device=device)
+        checkpoint(epoch, step)
+
+    # -- export: the plain ViT --------------------------------------------------------------
+    if master:
+        out = export(model.vit, model_args, classes, os.path.join(run_dir, "export"))
+        print(f"final top1 {top1:.2f} (best {best:.2f}); exported the ViT without its text head to {out}", flush=True)
+    if ddp:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def ignore_sigint(worker_id):
+    """Data workers leave Ctrl-C to the main process, which finishes the step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_requested(stop, ddp, boundary):
+    """Single process: stop at once. Many: all ranks must stop at the same step, so the flag
+    is agreed on (one all-reduce) at log boundaries only."""
+    if not ddp:
+        return stop["signal"] is not None
+    if not boundary:
+        return False
+    flag = torch.tensor(float(stop["signal"] or 0), device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    stop["signal"] = int(flag.item()) or None
+    return stop["signal"] is not None
+
+
+def check_finite(bad_step, run_dir):
+    step = int(bad_step.item())
+    if step >= 0:
+        raise Diverged(f"the loss became NaN or infinite at step {step}; the last good checkpoint is in {run_dir}; "
+                       "lower --lr or --clip-grad, then continue with --resume")
+
+
+def main(argv=None):
+    cfg, given = parse_config(argv)
+    try:
+        check_config(cfg)
+        if cfg.export:
+            export_checkpoint(cfg.export)
+        else:
+            # SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) end the current step,
+            # save a checkpoint and stop, instead of killing the run mid-write
+            stop = {"signal": None}
+            previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                        for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                train(cfg, given, stop)
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+    except UserError as e:
+        # An error raised in a DataLoader worker arrives with the worker's traceback in its
+        # text; the user needs only its last line.
+        message = str(e).strip().splitlines()[-1].removeprefix("UserError: ")
+        print(f"error: {message}" if e.code != 130 else message, file=sys.stderr)
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()
