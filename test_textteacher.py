@@ -271,7 +271,7 @@ def write_fake_cifar100(root, n_train=40, n_test=12):
 def test_cifar100_loader_reads_torchvisions_format(tmp_path):
     data = write_fake_cifar100(str(tmp_path))
     cfg = tt.Config(data="cifar100", data_dir=str(tmp_path), img_size=32, augment="none")
-    train, val, keys, classes = tt.build_data(cfg)
+    train, val, keys, classes, val_keys = tt.build_data(cfg)
     assert len(train) == 40 and len(val) == 12 and keys[:3] == ["0", "1", "2"] and classes[7] == "class_7"
     img, label, index = tt.TrainSet(train, tt.train_transform(cfg), train.labels)[(5, 123)]
     assert torch.equal(img, torch.from_numpy(data["train"]["data"][5].reshape(3, 32, 32)))
@@ -294,7 +294,7 @@ def test_image_folder_trains_with_class_level_text(tmp_path):
     root = str(tmp_path / "pets")
     write_image_folder(root)
     cfg = tt.Config(data=root, img_size=32)
-    train, val, keys, classes = tt.build_data(cfg)
+    train, val, keys, classes, val_keys = tt.build_data(cfg)
     assert classes == ["cat", "dog", "eel"] and keys[0] == "cat_train_0.JPEG" and len(train) == 18 and len(val) == 6
     img = train.load(0)
     assert img.dtype == torch.uint8 and min(img.shape[1:]) == 32  # short side resized to --img-size
@@ -377,3 +377,142 @@ def test_resume_after_epoch_one_equals_an_uninterrupted_run(tmp_path, shapes_tex
     drop = {"images_per_s", "epoch_time"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in metrics(str(tmp_path / "full"))] == \
            [{k: v for k, v in r.items() if k not in drop} for r in metrics(str(tmp_path / "cut"))]
+
+
+# ----------------------------------------------------------------------------
+# experiments: label noise, controls, alignment, comparison, vision teacher, plots
+
+def test_label_noise_flips_exactly_round_pn_to_other_classes():
+    labels = torch.randint(0, 10, (1001,), generator=torch.Generator().manual_seed(0))
+    noisy, flipped = tt.noisy_labels(labels, 10, 0.5, seed=3)
+    assert len(flipped) == round(0.5 * 1001) == 500
+    changed = (noisy != labels).nonzero().flatten()
+    assert torch.equal(changed, flipped)  # exactly the chosen ones changed, every one of them
+    again, _ = tt.noisy_labels(labels, 10, 0.5, seed=3)
+    assert torch.equal(again, noisy) and not torch.equal(tt.noisy_labels(labels, 10, 0.5, seed=4)[0], noisy)
+    shift = (noisy[flipped] - labels[flipped]) % 10  # uniform over the 9 other classes
+    counts = torch.bincount(shift, minlength=10)
+    assert counts[0] == 0 and counts[1:].min() > 500 / 9 * 0.5
+
+
+def test_label_noise_run_saves_flips_and_class_text_sees_noisy_labels(tmp_path, monkeypatch):
+    write_embeddings(tmp_path / "cls.pt", list(tt.SHAPE_KINDS), torch.randn(10, 8), level="class")
+    seen = []
+    targets = tt.TextTargets.targets
+    monkeypatch.setattr(tt.TextTargets, "targets", lambda self, index, label: seen.append((index, label)) or targets(self, index, label))
+    assert run(QUICK + ["--epochs", "1", "--label-noise", "0.25", "--text", str(tmp_path / "cls.pt"),
+                        "--out-dir", str(tmp_path), "--name", "noisy"]) == 0
+    noise = json.load(open(tmp_path / "noisy" / "label_noise.json"))
+    clean = torch.from_numpy(tt.shapes_split("train")[1][:384])
+    assert len(noise["flipped"]) == 96
+    expected = clean.clone()
+    expected[noise["flipped"]] = torch.tensor(noise["new_labels"])
+    assert torch.equal(clean[noise["flipped"]], torch.tensor(noise["clean_labels"]))
+    for index, label in seen:  # the class-level text is looked up by the noisy label
+        assert torch.equal(label, expected[index])
+    # validation labels stay clean: evaluate() reads the EvalSet, which never sees the noise
+    assert len(seen) == 6
+
+
+def test_text_controls(tmp_path):
+    vectors = torch.randn(50, 6) * torch.arange(1.0, 7.0) + 3
+    keys = [str(i) for i in range(50)]
+    write_embeddings(tmp_path / "e.pt", keys, vectors)
+    index = torch.arange(50)
+    real = tt.TextTargets(str(tmp_path / "e.pt"), keys, None).targets(index, None)
+    shuffled = tt.TextTargets(str(tmp_path / "e.pt"), keys, None, shuffle_seed=0).targets(index, None)
+    assert not torch.equal(shuffled, real)  # another pairing...
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, real.tolist()))  # ...of the same targets
+    rand = tt.TextTargets(str(tmp_path / "e.pt"), keys, None, random_seed=0)
+    r = rand.targets(index, None)
+    assert torch.equal(r[7], rand.targets(torch.tensor([7]), None)[0])  # fixed per image
+    big = torch.cat([rand.targets(index, None) for _ in range(1)])
+    assert not torch.allclose(big, real)
+    std = torch.cat([tt.TextTargets(str(tmp_path / "e.pt"), keys, None, random_seed=s).targets(index, None) for s in range(40)]).std(0)
+    torch.testing.assert_close(std, vectors.std(0), rtol=0.1, atol=0)  # the per-dimension spread of the real ones
+
+
+def test_alignment_against_brute_force():
+    torch.manual_seed(0)
+    model = tt.TextTeacher(tt.ViT(3, 16, 8, 32, 1, 2), text_dim=5)
+    images = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
+    targets = torch.randn(7, 5)
+    for loss in ("clip", "infonce"):
+        got = tt.alignment(model, images, targets, tt.Config(text_loss=loss), torch.device("cpu"))
+        with torch.no_grad():
+            z = [model.text_head(model.vit.forward_features(tt.normalize(images[i:i + 1])))[0] for i in range(7)]
+        def cos(a, b):
+            return float(a @ b / (a.norm() * b.norm()))
+        def score(a, b):
+            return float(a @ b) if loss == "clip" else cos(a, b)
+        hits = sum(max(range(7), key=lambda j: score(z[i], targets[j])) == i for i in range(7))
+        assert got["retrieval_top1"] == pytest.approx(100 * hits / 7)
+        assert got["cos_match"] == pytest.approx(sum(cos(z[i], targets[i]) for i in range(7)) / 7, abs=1e-5)
+        assert got["cos_other"] == pytest.approx(sum(cos(z[i], targets[j]) for i in range(7) for j in range(7) if i != j) / 42, abs=1e-5)
+
+
+def test_alignment_is_logged_each_epoch(tmp_path):
+    _, _, captions = tt.shapes_split("train")
+    _, _, val_captions = tt.shapes_split("val")
+    write_embeddings(tmp_path / "e.pt", [str(i) for i in range(len(captions))], bag_of_words(captions),
+                     val_keys=[str(i) for i in range(len(val_captions))], val_embeddings=bag_of_words(val_captions))
+    assert run(QUICK + ["--text", str(tmp_path / "e.pt"), "--out-dir", str(tmp_path), "--name", "a"]) == 0
+    m = metrics(str(tmp_path / "a"))
+    assert all(0 <= r["retrieval_top1"] <= 100 and -1 <= r["cos_other"] <= 1 for r in m)
+    assert m[-1]["cos_match"] > m[-1]["cos_other"]  # after two epochs matching pairs are already closer
+
+
+def test_compare_runs_both_arms_from_the_same_start(tmp_path, shapes_text):
+    assert run(QUICK + ["--text", shapes_text, "--compare", "--seeds", "2", "--out-dir", str(tmp_path), "--name", "c"]) == 0
+    summary = json.load(open(tmp_path / "c" / "compare.json"))
+    assert summary["arms"] == ["baseline", "textteacher"] and summary["seeds"] == [0, 1]
+    diffs = [metrics(str(tmp_path / "c" / f"seed{s}-textteacher"))[-1]["top1"] - metrics(str(tmp_path / "c" / f"seed{s}-baseline"))[-1]["top1"]
+             for s in (0, 1)]
+    assert summary["textteacher"]["final_diff"][0] == pytest.approx(np.mean(diffs))
+    assert summary["textteacher"]["final_diff"][1] == pytest.approx(np.std(diffs, ddof=1))
+    assert metrics(str(tmp_path / "c" / "seed0-baseline"))[0]["loss_txt"] is None
+    # the baseline arm is exactly the standalone baseline of the same seed
+    assert run(QUICK + ["--out-dir", str(tmp_path), "--name", "alone"]) == 0
+    a = torch.load(tmp_path / "alone" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "c" / "seed0-baseline" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the same command again reuses the finished arms instead of training them again
+    before = os.path.getmtime(tmp_path / "c" / "seed0-baseline" / "checkpoint.pt")
+    assert run(QUICK + ["--text", shapes_text, "--compare", "--seeds", "2", "--out-dir", str(tmp_path), "--name", "c"]) == 0
+    assert os.path.getmtime(tmp_path / "c" / "seed0-baseline" / "checkpoint.pt") == before
+
+
+def tiny_vision_model(folder):
+    from transformers import ViTConfig, ViTModel
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=48)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_vision_teacher_targets_are_its_pooled_features(tmp_path):
+    folder = tiny_vision_model(tmp_path / "vit")
+    teacher = tt.VisionTeacher(folder, torch.device("cpu"))
+    assert teacher.dim == 24
+    images = tt.normalize(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    from transformers import ViTModel
+    reference = ViTModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(images), reference(pixel_values=images).pooler_output)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert run(QUICK + ["--epochs", "1", "--teacher", folder, "--out-dir", str(tmp_path), "--name", "t"]) == 0
+    assert torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)["text_dim"] == 24
+    assert metrics(str(tmp_path / "t"))[0]["loss_txt"] > 0
+
+
+def test_plot_writes_a_png_or_says_what_is_missing(tmp_path, shapes_text):
+    assert run(QUICK + ["--epochs", "1", "--out-dir", str(tmp_path), "--name", "p"]) == 0
+    r = cli("--plot", str(tmp_path / "p"), "--plot-out", str(tmp_path / "p.png"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert r.returncode == 2 and r.stderr.strip() == "error: --plot needs matplotlib, which is optional: pip install matplotlib"
+        return
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "p.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -36,6 +36,7 @@ import os
 import pickle
 import random
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.flop_counter import FlopCounterMode
 
 
 class UserError(Exception):
@@ -107,6 +109,15 @@ class Config:
     cutmix: float = opt(1.0, "CutMix Beta(alpha, alpha); 0 = off. The text targets are mixed with the labels' lambda and partner")
     augment: str = opt("3aug", "3aug: DeiT III's 3-Augment | crop: padded random crop only | none")
     limit: int = opt(0, "use only the first N training images and N // 4 validation images (quick tries; 0 = all)")
+    # experiments of the paper, and controls
+    label_noise: float = opt(0.0, "replace the labels of exactly round(p * N) training images by a random other class (seeded, fixed for the run; validation and caption targets stay clean)")
+    text_shuffle: bool = opt(False, "control: permute the targets across training images once (does the per-image pairing matter?)")
+    text_random: bool = opt(False, "control: Gaussian targets with the per-dimension mean and std of the real ones (does the text content matter?)")
+    teacher: str = opt("", "the paper's comparison arm: a frozen Hugging Face vision model (name or folder, e.g. facebook/dinov2-large) whose pooled feature of the same augmented batch replaces the text target")
+    compare: bool = opt(False, "run the baseline (lambda 0) and TextTeacher (and --teacher, if given) with the same seed, data order and augmentation, and print a table of both")
+    seeds: int = opt(1, "with --compare: repeat the comparison over this many seeds (seed, seed + 1, ...) and report the mean and std of the difference")
+    plot: list = opt(None, "only draw validation top-1 and text loss per epoch of these run folders into --plot-out (needs matplotlib), then exit")
+    plot_out: str = opt("plot.png", "the PNG written by --plot")
     # run
     name: str = opt("", "run name; results go to runs/NAME (default: data and time)")
     out_dir: str = opt("runs", "folder holding the run folders")
@@ -118,6 +129,7 @@ class Config:
     log_every: int = opt(50, "read losses back from the device every N steps (progress line, NaN check)")
     resume: str = opt("", "continue the run of this checkpoint file or run folder exactly where it stopped")
     export: str = opt("", "only export this checkpoint's ViT (text parts removed) to model.safetensors, config.json and model.pt2, then exit")
+    benchmark: bool = opt(False, "only time the training step of the model flags (baseline and TextTeacher) and inference on synthetic batches, print the numbers, then exit: no data read, no run folder written")
 
 
 # Per-dataset presets, applied over the defaults above and under the command line.
@@ -133,7 +145,7 @@ PRESETS = {
 }
 MODEL_SIZES = {"micro": (128, 6, 4), "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 # Fields that may differ when a run is continued: they change how, not what, is computed.
-RESUME_FREE = {"workers", "device", "compile", "ckpt_every", "log_every", "resume", "export"}
+RESUME_FREE = {"workers", "device", "compile", "ckpt_every", "log_every", "resume", "export", "benchmark", "compare", "seeds", "plot", "plot_out"}
 
 
 def parse_config(argv=None):
@@ -143,7 +155,9 @@ def parse_config(argv=None):
                                      + "; ".join(f"{k}: {v or 'the defaults above'}" for k, v in PRESETS.items()))
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if f.type is list or f.type == "list":
+            parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="RUN", help=f.metadata["help"])
+        elif f.type is bool or f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"{f.metadata['help']} (default: {f.default})")
         else:
@@ -175,6 +189,16 @@ def check_config(cfg):
         raise UserError(f"--augment must be 3aug, crop or none, got {cfg.augment!r}")
     if cfg.compile not in ("auto", "on", "off"):
         raise UserError(f"--compile must be auto, on or off, got {cfg.compile!r}")
+    if not 0 <= cfg.label_noise < 1:
+        raise UserError(f"--label-noise must be in [0, 1), got {cfg.label_noise}")
+    if cfg.text_shuffle and cfg.text_random:
+        raise UserError("--text-shuffle and --text-random are two different controls; choose one")
+    if cfg.teacher and cfg.text and not cfg.compare:
+        raise UserError("--teacher replaces the text targets: drop --text, or use --compare to run both arms")
+    if cfg.compare and not (cfg.text or cfg.teacher):
+        raise UserError("--compare needs --text (and/or --teacher): it compares the baseline with the text-taught model")
+    if cfg.compare and cfg.text_loss_lambda == 0:
+        raise UserError("--compare with --text-loss-lambda 0 would compare the baseline with itself")
     lambda_at(cfg, 0)  # validates the schedule's name
 
 
@@ -334,16 +358,17 @@ class ImageSet(Dataset):
 
 
 def build_data(cfg):
-    """(train set, val set, keys of the training samples, class keys) for --data."""
+    """(train set, val set, keys of the training samples, class keys, keys of the val samples) for --data."""
     if cfg.data == "shapes":
         (ti, tl, _), (vi, vl, _) = shapes_split("train"), shapes_split("val")
         train, val = ImageSet(ti, labels=tl, img_size=cfg.img_size), ImageSet(vi, labels=vl, img_size=cfg.img_size)
         keys, classes = [str(i) for i in range(len(tl))], list(SHAPE_KINDS)
+        val_keys = [str(i) for i in range(len(vl))]
     elif cfg.data == "cifar100":
         ti, tl, classes = load_cifar100(cfg.data_dir, "train")
         vi, vl, _ = load_cifar100(cfg.data_dir, "val")
         train, val = ImageSet(ti, labels=tl, img_size=cfg.img_size), ImageSet(vi, labels=vl, img_size=cfg.img_size)
-        keys = [str(i) for i in range(len(tl))]
+        keys, val_keys = [str(i) for i in range(len(tl))], [str(i) for i in range(len(vl))]
     else:
         root = folder_root(cfg.data, cfg.data_dir)
         if not os.path.isdir(root) or not os.listdir(root):
@@ -354,9 +379,11 @@ def build_data(cfg):
             raise UserError(f"{root}/val has other class folders than {root}/train; they must match")
         train, val = ImageSet(paths=tp, labels=tl, img_size=cfg.img_size), ImageSet(paths=vp, labels=vl, img_size=cfg.img_size)
         keys = [os.path.basename(p) for p in tp]  # the released encodings are keyed by image file name
+        val_keys = [os.path.basename(p) for p in vp]
     if cfg.limit:
-        train, val, keys = Prefix(train, cfg.limit), Prefix(val, max(cfg.limit // 4, 1)), keys[:cfg.limit]
-    return train, val, keys, classes
+        train, val = Prefix(train, cfg.limit), Prefix(val, max(cfg.limit // 4, 1))
+        keys, val_keys = keys[:cfg.limit], val_keys[:len(val)]
+    return train, val, keys, classes, val_keys
 
 
 class Prefix(Dataset):
@@ -384,6 +411,20 @@ class OneOf(nn.Module):
 
     def forward(self, x):
         return self.transforms[int(torch.randint(len(self.transforms), ()))](x)
+
+
+def noisy_labels(labels, num_classes, p, seed):
+    """The label-noise experiment: exactly round(p * N) training samples, chosen with the seed,
+    get a new label drawn uniformly from the other classes. Returns (labels, flipped indices).
+
+    (old + k) mod C with k uniform in 1..C-1 is uniform over the C - 1 other classes and
+    never the old label, so exactly the chosen samples are wrong.
+    """
+    g = torch.Generator().manual_seed(seed + 12_345)
+    flipped = torch.randperm(len(labels), generator=g)[:round(p * len(labels))].sort().values
+    noisy = labels.clone()
+    noisy[flipped] = (labels[flipped] + torch.randint(1, num_classes, (len(flipped),), generator=g)) % num_classes
+    return noisy, flipped
 
 
 def train_transform(cfg):
@@ -482,7 +523,7 @@ class TextTargets:
     common offset), which would otherwise dominate every dot product of the contrastive loss.
     """
 
-    def __init__(self, path, train_keys, class_keys, std=False):
+    def __init__(self, path, train_keys, class_keys, std=False, shuffle_seed=None, random_seed=None, dataset=""):
         if not os.path.isfile(path):
             raise UserError(f"embeddings file {path} not found; write it with caption_embed.py (see README)")
         try:
@@ -498,6 +539,10 @@ class TextTargets:
         self.dim = self.vectors.shape[1]
         if emb.get("split", "train") != "train":
             raise UserError(f"{path} holds the {emb['split']!r} split; TextTeacher needs the captions of the training images")
+        # shapes and CIFAR-100 are both keyed "0", "1", ...: only the file's dataset tag tells them apart
+        if emb.get("dataset") in PRESETS and dataset in PRESETS and emb["dataset"] != dataset:
+            raise UserError(f"{path} holds the captions of {emb['dataset']}, not of --data {dataset}; "
+                            f"embed the captions of {dataset} with caption_embed.py")
         self.mean, self.std = emb["mean"].float(), (emb["std"].float().clamp_min(1e-6) if std else None)
         self.check_finite(path)
         row_of = {k: r for r, k in enumerate(keys)}
@@ -510,8 +555,13 @@ class TextTargets:
             raise UserError(f"{len(missing)} of {len(wanted)} {what} have no text target in {path}{hint}, "
                             f"e.g. {', '.join(missing[:3])}; embed their captions with caption_embed.py")
         self.rows = torch.tensor(rows, dtype=torch.long)  # sample (or class) -> row of the file
-        self.val_vectors = emb.get("val_embeddings")
-        self.val_keys = emb.get("val_keys")
+        if shuffle_seed is not None:
+            # control --text-shuffle: the same targets, each given to another image (fixed for the run)
+            self.rows = self.rows[torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(shuffle_seed))]
+        # control --text-random: Gaussian targets with the per-dimension std of the real ones
+        # (and their mean, which centring removes); drawn per row from a seed, not stored
+        self.random_seed, self.file_std = random_seed, emb["std"].float()
+        self.val_vectors, self.val_keys = emb.get("val_embeddings"), emb.get("val_keys")
 
     def check_finite(self, path):
         for start in range(0, len(self.vectors), 65536):  # chunked: never the whole file in RAM
@@ -521,8 +571,69 @@ class TextTargets:
     def targets(self, index, label):
         """Centred targets [B, D] for a batch, by sample index (image level) or by label (class level)."""
         rows = self.rows[label if self.level == "class" else index]
-        t = self.vectors[rows].float() - self.mean
+        if self.random_seed is not None:
+            t = torch.stack([torch.randn(self.dim, generator=torch.Generator().manual_seed(self.random_seed * 1_000_003 + r))
+                             for r in rows.tolist()]) * self.file_std
+        else:
+            t = self.vectors[rows].float() - self.mean
         return t / self.std if self.std is not None else t
+
+    def val_pairs(self, val_keys, limit=500):
+        """(indices, centred targets) of the first `limit` validation samples that have a caption
+        in the file, or None: the fixed subset on which alignment is measured each epoch."""
+        if self.val_vectors is None or self.level != "image":
+            return None
+        row_of = {k: r for r, k in enumerate(self.val_keys)}
+        pairs = [(i, row_of[k]) for i, k in enumerate(val_keys) if k in row_of][:limit]
+        if len(pairs) < 2:
+            return None
+        index, rows = zip(*pairs)
+        t = self.val_vectors[list(rows)].float() - self.mean
+        return list(index), (t / self.std if self.std is not None else t)
+
+
+class VisionTeacher(nn.Module):
+    """The paper's comparison arm: a frozen vision model whose pooled feature of the augmented
+    batch is the target, in place of the caption (same text head, same loss).
+
+    Any Hugging Face vision model: image features where the model has a projection (CLIP),
+    else its pooler output (DINOv2: the final-norm CLS token), else the CLS token. Its
+    targets are not centred: there are no dataset statistics for an online target.
+    """
+
+    def __init__(self, name, device):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+        try:
+            config = AutoConfig.from_pretrained(name)
+            self.model = AutoModel.from_pretrained(name).eval().requires_grad_(False).to(device)
+        except OSError:
+            raise UserError(f"vision model {name!r} is not available offline; pass the folder of a saved "
+                            "model (save_pretrained) or connect to the Hugging Face Hub once") from None
+        vision = getattr(config, "vision_config", config)
+        self.size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        try:  # the teacher's own normalisation, if it ships an image processor configuration
+            from transformers import AutoImageProcessor
+            processor = AutoImageProcessor.from_pretrained(name)
+            mean, std = processor.image_mean, processor.image_std
+        except (OSError, ValueError, AttributeError):
+            pass
+        self.register_buffer("shift", ((torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1).to(device))
+        self.register_buffer("scale", (torch.tensor(IMAGENET_STD) / torch.tensor(std)).view(1, 3, 1, 1).to(device))
+        self.dim = self.forward(torch.zeros(1, 3, self.size, self.size, device=device)).shape[1]
+
+    @torch.no_grad()
+    def forward(self, images):
+        """ImageNet-normalised images [B, 3, H, W] -> targets [B, D] in fp32."""
+        x = images * self.scale + self.shift  # re-normalised with the teacher's mean and std
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        if hasattr(self.model, "get_image_features"):
+            return self.model.get_image_features(pixel_values=x).float()
+        out = self.model(pixel_values=x)
+        pooled = getattr(out, "pooler_output", None)
+        return (pooled if pooled is not None else out.last_hidden_state[:, 0]).float()
 
 
 # ----------------------------------------------------------------------------
@@ -702,6 +813,28 @@ def adaptive_weight(loss_cls, loss_txt, feat):
     g_cls, = torch.autograd.grad(loss_cls, feat, retain_graph=True)
     g_txt, = torch.autograd.grad(loss_txt, feat, retain_graph=True)
     return ((g_cls.norm() + 1e-7) / (g_txt.norm() + 1e-7)).detach()
+
+
+def step_losses(model, images, y, targets, lam, cfg, autocast=contextlib.nullcontext()):
+    """The objective of one micro-batch, L = lam_e * w * L_txt + (1 - lam_e) * L_cls: (L, L_cls, L_txt, w).
+
+    The training loop and the benchmark both call this, so the benchmark times the real
+    step. targets = None is the baseline: L = L_cls, and L_txt and w are zeros. Nothing
+    here reads a value back to the host, so a step never waits for the device.
+    """
+    with autocast:
+        logits, z, feat = model(images)
+    # the losses in fp32, outside autocast
+    loss_cls = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    if targets is None:
+        zero = torch.zeros((), device=images.device)
+        return loss_cls, loss_cls, zero, zero
+    loss_txt = (clip_loss(z.float(), targets) if cfg.text_loss == "clip"
+                else infonce_loss(z.float(), targets, cfg.temperature))
+    w = adaptive_weight(loss_cls, loss_txt, feat) if cfg.adaptive_weight and lam > 0 else torch.ones((), device=images.device)
+    # at lam_e = 0 the text term is kept with weight 0 so that DDP still sees a gradient
+    # (of zeros) for the text head
+    return lam * w * loss_txt + (1 - lam) * loss_cls, loss_cls, loss_txt, w
 
 
 def lambda_at(cfg, epoch):
@@ -945,6 +1078,186 @@ def evaluate(vit, loader, device, autocast, ddp):
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
 
+@torch.no_grad()
+def alignment(model, images, targets, cfg, device):
+    """How well the text head's image embeddings match the captions, on a fixed captioned
+    validation subset of M images: image-to-caption retrieval top-1 (each image scores all M
+    captions the way the loss does: dot products for clip, cosines for infonce), and the mean
+    cosine of matching pairs (the diagonal) and of non-matching ones (the rest)."""
+    model.eval()
+    z = torch.cat([model(normalize(images[i:i + 256].to(device)))[1] for i in range(0, len(images), 256)]).float()
+    t = targets.to(device)
+    cos = F.normalize(z, dim=-1) @ F.normalize(t, dim=-1).T  # shape = [M, M]
+    scores = z @ t.T if cfg.text_loss == "clip" else cos
+    hits = scores.argmax(1) == torch.arange(len(z), device=device)
+    M = len(z)
+    return dict(retrieval_top1=100 * hits.float().mean().item(), cos_match=cos.diag().mean().item(),
+                cos_other=((cos.sum() - cos.diag().sum()) / (M * (M - 1))).item())
+
+
+# ----------------------------------------------------------------------------
+# Benchmark: what the text objective costs, measured on synthetic batches
+
+BENCH_TEXT_DIM = 768  # the width of the benchmark's random targets: a BERT-base text encoder's
+
+
+def synchronize(device):
+    """Wait for the device's queued work: a timer must stop when the work is done, not when it is queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def count_flops(cfg, num_classes):
+    """FLOPs per image of the ViT's forward pass and of a training step (forward and backward),
+    as FlopCounterMode counts them: 2 * M * N * K per matmul and per patch convolution;
+    element-wise work (norms, GELU, softmax, the optimiser) is not counted.
+
+    I build the model on the meta device: shapes only, no memory and no arithmetic. There
+    SDPA takes its reference path of two batched matmuls, which the counter sees; the fused
+    CPU kernel that runs for real is not in its table and would count as zero.
+    """
+    with torch.device("meta"):
+        vit = build_model(cfg, num_classes, 0).vit
+        images = torch.empty(1, 3, cfg.img_size, cfg.img_size)
+        with FlopCounterMode(display=False) as forward:
+            vit(images)
+        with FlopCounterMode(display=False) as step:
+            vit(images).sum().backward()
+    return forward.get_total_flops(), step.get_total_flops()
+
+
+def matmul_peak(device, dtype):
+    """FLOP/s of one large square matmul: the most any model's matmuls can expect of this device."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ a
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times[1:])  # the first one warms up
+
+
+def max_rss():
+    """The most memory this process has held so far, in bytes (Linux reports KiB, macOS bytes)."""
+    import resource  # Unix only, hence imported here
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def benchmark(cfg, warmup=2, steps=3, repeats=5):
+    """--benchmark: time the training step of the configured model without and with the text
+    objective, and inference, on synthetic batches; print the numbers and return them.
+
+    Both arms run the training loop's own code (step_losses, backward, clipping, the
+    optimiser) on the loop's device, precision and compilation. The arms alternate repeat
+    by repeat, so that a slow phase of a shared machine hits both alike; every number is the
+    median over repeats of `steps` steps, after `warmup` untimed steps (which also compile).
+    """
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available()
+                          else "mps" if torch.backends.mps.is_available() else "cpu")
+    # the same precision and compilation as train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    num_classes = {"shapes": len(SHAPE_KINDS), "cifar100": 100}.get(cfg.data, 1000)  # as --data would have it
+    micro = cfg.batch_size // cfg.accum
+    if micro < 2 or micro * cfg.accum != cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --accum {cfg.accum} with at least 2 images per micro-batch")
+    torch.manual_seed(cfg.seed)
+    images = torch.randn(micro, 3, cfg.img_size, cfg.img_size, device=device)
+    y = F.one_hot(torch.randint(num_classes, (micro,), device=device), num_classes).float()
+    targets = torch.randn(micro, BENCH_TEXT_DIM, device=device)
+    lam = 0.5  # the value does not change the cost, as long as it is above 0
+
+    def training_step(text_dim):
+        """A fresh model and optimiser, and a function doing one optimiser step of the loop with them."""
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, num_classes, text_dim).to(device)
+        optimizer = build_optimizer(cfg, model, device)
+        train_model = torch.compile(model) if use_compile else model
+
+        def step():
+            for _ in range(cfg.accum):
+                loss = step_losses(train_model, images, y, targets if text_dim else None, lam, cfg, autocast)[0]
+                (loss / cfg.accum).backward()
+            if cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return model, step
+
+    def seconds(step):
+        """Seconds per call of step, over `steps` calls."""
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        return (time.perf_counter() - t) / steps
+
+    # memory first, before anything else has raised the process's high-water mark
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = max_rss()
+    model, text_step = training_step(BENCH_TEXT_DIM)
+    for _ in range(warmup):
+        text_step()
+    synchronize(device)
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss()) - before
+    _, base_step = training_step(0)
+    for _ in range(warmup):
+        base_step()
+    times = {"baseline": [], "textteacher": []}
+    for _ in range(repeats):
+        times["baseline"].append(seconds(base_step))
+        times["textteacher"].append(seconds(text_step))
+    base, text = statistics.median(times["baseline"]), statistics.median(times["textteacher"])
+
+    vit = model.vit.eval()
+    infer_model = torch.compile(vit) if use_compile else vit
+
+    @torch.no_grad()
+    def infer():
+        with autocast:
+            infer_model(images)
+    for _ in range(warmup):
+        infer()
+    infer_time = statistics.median(seconds(infer) for _ in range(repeats))
+
+    forward_flops, train_flops = count_flops(cfg, num_classes)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the step's matmuls run in
+    peak = matmul_peak(device, dtype)
+    r = dict(parameters=sum(p.numel() for p in model.vit.parameters()),
+             text_head_parameters=sum(p.numel() for p in model.text_head.parameters()),
+             forward_flops=forward_flops, train_flops=train_flops,
+             baseline_images_per_s=cfg.batch_size / base, textteacher_images_per_s=cfg.batch_size / text,
+             textteacher_step_ratio=text / base, inference_images_per_s=micro / infer_time,
+             peak_memory_mb=memory / 2 ** 20, matmul_peak_flops=peak)
+    r["train_utilisation"] = r["baseline_images_per_s"] * train_flops / peak
+    r["inference_utilisation"] = r["inference_images_per_s"] * forward_flops / peak
+    where = f"{device.type}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+    print(f"benchmark: ViT-{cfg.model}/{cfg.patch_size} at {cfg.img_size}px, batch {cfg.batch_size}"
+          + (f" ({cfg.accum} x {micro})" if cfg.accum > 1 else "") + f", {cfg.optimizer}, {where}, "
+          + ("bf16 autocast" if device.type == "cuda" else "fp32") + (", compiled" if use_compile else ", eager")
+          + f"; medians of {repeats} x {steps} steps after {warmup} warm-up steps")
+    print(f"  parameters     {r['parameters'] / 1e6:.2f}M in the ViT; the text head adds {r['text_head_parameters'] / 1e6:.2f}M "
+          f"({BENCH_TEXT_DIM}-d targets) and is dropped at export")
+    print(f"  FLOPs / image  {forward_flops / 1e9:.3f} G forward, {train_flops / 1e9:.3f} G training (forward + backward), by FlopCounterMode")
+    print(f"  training       baseline {r['baseline_images_per_s']:.1f} img/s, TextTeacher {r['textteacher_images_per_s']:.1f} img/s: "
+          f"TextTeacher's step takes {r['textteacher_step_ratio']:.3f}x the baseline's")
+    print(f"  inference      {r['inference_images_per_s']:.1f} img/s")
+    print(f"  peak memory    {r['peak_memory_mb']:.0f} MB ("
+          + ("max allocated" if device.type == "cuda" else "rise of the max RSS") + " while training TextTeacher)")
+    print(f"  matmul peak    {peak / 1e9:.0f} GFLOP/s measured ({str(dtype).removeprefix('torch.')}); model FLOPs utilisation: "
+          f"training {r['train_utilisation']:.0%}, inference {r['inference_utilisation']:.0%}")
+    return r
+
+
 # ----------------------------------------------------------------------------
 # Training
 
@@ -987,7 +1300,18 @@ def train(cfg, given, stop=None):
     else:
         cfg.name = cfg.name or f"{os.path.basename(cfg.data.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = os.path.join(cfg.out_dir, cfg.name)
-        if master and os.path.exists(os.path.join(run_dir, "config.json")):
+        taken = os.path.exists(os.path.join(run_dir, "config.json"))
+        if ddp:
+            # every rank stops or none, on rank 0's view: the ranks' clocks may straddle a second
+            # (the default name), and a late rank could see the folder rank 0 has just created
+            shared = [cfg.name, taken]
+            dist.broadcast_object_list(shared, src=0)
+            cfg.name, taken = shared
+            run_dir = os.path.join(cfg.out_dir, cfg.name)
+        if taken and not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            raise UserError(f"{run_dir} holds a run that saved no checkpoint (it failed early, or is still starting); "
+                            "delete that folder or choose another --name")
+        if taken:
             raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --name")
 
     # -- data ------------------------------------------------------------------------
@@ -995,14 +1319,21 @@ def train(cfg, given, stop=None):
     if micro * world * cfg.accum != cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes x --accum {cfg.accum}")
     use_text = bool(cfg.text) and cfg.text_loss_lambda > 0
-    if use_text and micro < 2:
+    use_teacher = bool(cfg.teacher) and cfg.text_loss_lambda > 0
+    if (use_text or use_teacher) and micro < 2:
         raise UserError(f"the per-device batch is {micro}: the contrastive loss needs at least 2 images per device; "
                         "raise --batch-size or lower --accum")
-    train_base, val_base, keys, classes = build_data(cfg)
-    text = TextTargets(cfg.text, keys, classes, cfg.text_std) if use_text else None
-    if ckpt and ckpt["text_dim"] != (text.dim if text else 0):
-        raise UserError(f"the checkpoint's text head has {ckpt['text_dim']} dimensions but {cfg.text} has "
-                        f"{text.dim if text else 0}; resume with the embeddings file the run started with")
+    train_base, val_base, keys, classes, val_keys = build_data(cfg)
+    labels = train_base.labels
+    if cfg.label_noise > 0:
+        labels, flipped = noisy_labels(labels, len(classes), cfg.label_noise, cfg.seed)
+    text = TextTargets(cfg.text, keys, classes, cfg.text_std, shuffle_seed=cfg.seed if cfg.text_shuffle else None,
+                       random_seed=cfg.seed if cfg.text_random else None, dataset=cfg.data) if use_text else None
+    teacher = VisionTeacher(cfg.teacher, device) if use_teacher else None
+    target_dim = text.dim if text else teacher.dim if teacher else 0  # the text head's output size; 0: none
+    if ckpt and ckpt["text_dim"] != target_dim:
+        raise UserError(f"the checkpoint's text head has {ckpt['text_dim']} dimensions but {cfg.text or cfg.teacher} has "
+                        f"{target_dim}; resume with the embeddings file the run started with")
     if ckpt and ckpt["classes"] != list(classes):
         raise UserError(f"the checkpoint was trained on {len(ckpt['classes'])} other classes; resume with the run's dataset")
     steps_per_epoch = len(train_base) // cfg.batch_size
@@ -1015,18 +1346,23 @@ def train(cfg, given, stop=None):
     loader_args = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                        worker_init_fn=ignore_sigint, prefetch_factor=4 if workers > 0 else None,
                        generator=torch.Generator().manual_seed(cfg.seed))
-    train_loader = DataLoader(TrainSet(train_base, train_transform(cfg), train_base.labels), batch_size=micro,
+    train_loader = DataLoader(TrainSet(train_base, train_transform(cfg), labels), batch_size=micro,
                               sampler=sampler, drop_last=False, **loader_args)
     # each rank evaluates every world-th validation image: all images once, none twice
     val_loader = DataLoader(EvalSet(val_base, cfg.img_size), batch_size=max(micro, 64),
                             sampler=list(range(rank, len(val_base), world)), **loader_args)
+    # a fixed captioned validation subset, held in memory, on which rank 0 measures alignment
+    align = text.val_pairs(val_keys) if text and master else None
+    if align:
+        align = torch.stack([EvalSet(val_base, cfg.img_size)[i][0] for i in align[0]]), align[1]
 
     # -- model and optimiser ---------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, len(classes), text.dim if text else 0).to(device)
+    model = build_model(cfg, len(classes), target_dim).to(device)
     width, depth, heads = MODEL_SIZES[cfg.model]
     model_args = dict(num_classes=len(classes), img_size=cfg.img_size, patch_size=cfg.patch_size,
                       width=width, depth=depth, heads=heads, mlp_ratio=4.0)
+    torch.manual_seed(cfg.seed + 1)  # stochastic depth draws the same stream with or without a text head
     optimizer = build_optimizer(cfg, model, device)
     epoch, step, best, sums = 0, 0, 0.0, torch.zeros(3, device=device)  # sums of loss_cls, loss_txt, w
     if ckpt:
@@ -1041,11 +1377,24 @@ def train(cfg, given, stop=None):
     if master:
         os.makedirs(run_dir, exist_ok=True)
         save_atomic(lambda p: open(p, "w").write(json.dumps(dataclasses.asdict(cfg), indent=2)), os.path.join(run_dir, "config.json"))
+        log = os.path.join(run_dir, "metrics.jsonl")
+        if ckpt and os.path.exists(log):
+            # an epoch is logged just before its checkpoint is written: a run that died in
+            # between logged an epoch it will now run again, so drop it (and any torn last line)
+            with open(log) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["epoch"] <= epoch]
+            save_atomic(lambda p: open(p, "w").writelines(kept), log)
+        if cfg.label_noise > 0:  # which labels were replaced, and by what: the run can be audited
+            noise = dict(p=cfg.label_noise, seed=cfg.seed, flipped=flipped.tolist(), new_labels=labels[flipped].tolist(),
+                         clean_labels=train_base.labels[flipped].tolist())
+            save_atomic(lambda p: open(p, "w").write(json.dumps(noise)), os.path.join(run_dir, "label_noise.json"))
         n_params = sum(p.numel() for p in model.vit.parameters())
         print(f"run {run_dir}: {cfg.data}, {len(train_base)} training images, {len(classes)} classes; ViT-{cfg.model}/{cfg.patch_size} "
               f"at {cfg.img_size}px ({n_params / 1e6:.2f}M parameters); "
-              + (f"text targets {cfg.text} ({text.level} level, {text.dim}-d), lambda {cfg.text_loss_lambda} {cfg.lambda_schedule}"
-                 if text else "baseline (no text head)")
+              + (f"text targets {cfg.text} ({text.level} level, {text.dim}-d)" if text else
+                 f"vision teacher {cfg.teacher} ({teacher.dim}-d)" if teacher else "baseline (no text head)")
+              + (f", lambda {cfg.text_loss_lambda} {cfg.lambda_schedule}" if target_dim else "")
+              + (f"; label noise {cfg.label_noise}: {len(flipped)} labels replaced" if cfg.label_noise > 0 else "")
               + f"; {world} process(es) x {cfg.accum} accum x {micro} per device = batch {cfg.batch_size}; {device}"
               + (f"; resuming at epoch {epoch + 1} step {step}" if ckpt else ""), flush=True)
 
@@ -1055,11 +1404,12 @@ def train(cfg, given, stop=None):
             return
         state = dict(format="textteacher-checkpoint-v1", model=model.state_dict(), optimizer=optimizer.state_dict(),
                      epoch=epoch, step=step, best=best, sums=sums.cpu(), rng=rng_state(), config=dataclasses.asdict(cfg),
-                     model_args=model_args, text_dim=text.dim if text else 0, classes=list(classes))
+                     model_args=model_args, text_dim=target_dim, classes=list(classes))
         save_atomic(lambda p: torch.save(state, p), os.path.join(run_dir, "checkpoint.pt"))
 
     # -- the loop ----------------------------------------------------------------------
     num_classes = len(classes)
+    top1 = None
     bad_step = torch.tensor(-1, device=device)  # first step whose loss was not finite, kept on the device
     while epoch < cfg.epochs:
         lam = lambda_at(cfg, epoch)
@@ -1073,28 +1423,19 @@ def train(cfg, given, stop=None):
                 group["lr"] = lr
             for a in range(cfg.accum):
                 images, labels, index = next(batches)
+                # the text targets are gathered on the host from the memory-mapped file, then copied
+                targets = text.targets(index, labels).to(device, non_blocking=True) if text else None
                 images = normalize(images.to(device, non_blocking=True))
                 labels = labels.to(device, non_blocking=True)
-                targets = text.targets(index, labels.cpu()).to(device, non_blocking=True) if text else None
                 y = F.one_hot(labels, num_classes).float()
                 if cfg.cutmix > 0:
                     images, y, targets, _ = cutmix(images, y, targets, cfg.cutmix, (cfg.seed, global_step, a, rank))
+                if teacher is not None:
+                    targets = teacher(images)  # the vision teacher sees the very batch the student sees
                 # DDP averages gradients only on the last micro-batch of a step
                 sync = contextlib.nullcontext() if not ddp or a == cfg.accum - 1 else train_model.no_sync()
                 with sync:
-                    with autocast:
-                        logits, z, feat = train_model(images)
-                    # the losses in fp32, outside autocast
-                    loss_cls = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                    if text:
-                        loss_txt = (clip_loss(z.float(), targets) if cfg.text_loss == "clip"
-                                    else infonce_loss(z.float(), targets, cfg.temperature))
-                        w = adaptive_weight(loss_cls, loss_txt, feat) if cfg.adaptive_weight and lam > 0 else torch.ones((), device=device)
-                        # L = lam_e * w * L_txt + (1 - lam_e) * L_cls; at lam_e = 0 the text term is kept
-                        # with weight 0 so that DDP still sees a gradient (of zeros) for the text head
-                        loss = lam * w * loss_txt + (1 - lam) * loss_cls
-                    else:
-                        loss_txt, w, loss = torch.zeros((), device=device), torch.zeros((), device=device), loss_cls
+                    loss, loss_cls, loss_txt, w = step_losses(train_model, images, y, targets, lam, cfg, autocast)
                     (loss / cfg.accum).backward()
                 sums += torch.stack([loss_cls.detach(), loss_txt.detach(), w]) / cfg.accum
             if cfg.clip_grad > 0:
@@ -1107,30 +1448,38 @@ def train(cfg, given, stop=None):
             # reading values back from the device synchronises it: only every log_every steps
             boundary = step % cfg.log_every == 0 or step == steps_per_epoch or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
             if boundary:
-                check_finite(bad_step, run_dir)
+                check_finite(bad_step, run_dir, ddp)
                 if master and sys.stderr.isatty():
                     print(f"\repoch {epoch + 1} step {step}/{steps_per_epoch} loss_cls {loss_cls.item():.4f} "
                           f"loss_txt {loss_txt.item():.4f}", end="", file=sys.stderr, flush=True)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < steps_per_epoch:
                 checkpoint(epoch, step)
             if stop_requested(stop, ddp, boundary):
+                check_finite(bad_step, run_dir, ddp)  # never save weights that a NaN step has spoilt
                 checkpoint(epoch, step)
                 raise Interrupted(f"stopped by signal {stop['signal']} at epoch {epoch + 1} step {step}; "
                                   f"checkpoint saved, continue with --resume {run_dir}")
 
         # -- end of epoch: evaluate, log, checkpoint ---------------------------------------
         elapsed = time.time() - t0
+        # the lr of the epoch's last step, for the log; set here too because a run stopped
+        # right after that step resumes with no step left to run in the epoch
+        lr = lr_at(cfg, (epoch + 1) * steps_per_epoch - 1, steps_per_epoch)
         top1, top5 = evaluate(model.vit, val_loader, device, autocast, ddp)
         means = (sums / steps_per_epoch).tolist()
         best = max(best, top1)
-        record = dict(epoch=epoch + 1, loss_cls=means[0], loss_txt=means[1] if text else None, w=means[2] if text else None,
-                      **{"lambda": lam if text else 0.0}, lr=lr, images_per_s=seen / elapsed, top1=top1, top5=top5,
-                      best_top1=best, epoch_time=elapsed)
+        record = dict(epoch=epoch + 1, loss_cls=means[0], loss_txt=means[1] if target_dim else None,
+                      w=means[2] if target_dim else None, **{"lambda": lam if target_dim else 0.0}, lr=lr,
+                      images_per_s=seen / elapsed, top1=top1, top5=top5, best_top1=best, epoch_time=elapsed)
+        if align:
+            record.update(alignment(model, *align, cfg, device))
         if master:
             print(("\r" if sys.stderr.isatty() else "")
                   + f"epoch {epoch + 1}/{cfg.epochs} loss_cls {means[0]:.4f}"
-                  + (f" loss_txt {means[1]:.4f} w {means[2]:.3f} lambda {lam:.3f}" if text else "")
-                  + f" lr {lr:.2e} {seen / elapsed:.0f} img/s | val top1 {top1:.2f} top5 {top5:.2f}", flush=True)
+                  + (f" loss_txt {means[1]:.4f} w {means[2]:.3f} lambda {lam:.3f}" if target_dim else "")
+                  + f" lr {lr:.2e} {seen / elapsed:.0f} img/s | val top1 {top1:.2f} top5 {top5:.2f}"
+                  + (f" | retrieval {record['retrieval_top1']:.1f} cos {record['cos_match']:.3f}/{record['cos_other']:.3f}"
+                     if align else ""), flush=True)
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         epoch, step, sums = epoch + 1, 0, torch.zeros(3, device=device)
@@ -1139,7 +1488,8 @@ def train(cfg, given, stop=None):
     # -- export: the plain ViT --------------------------------------------------------------
     if master:
         out = export(model.vit, model_args, classes, os.path.join(run_dir, "export"))
-        print(f"final top1 {top1:.2f} (best {best:.2f}); exported the ViT without its text head to {out}", flush=True)
+        print(f"final top1 {top1:.2f} (best {best:.2f})" if top1 is not None else f"the run had already ended (best top1 {best:.2f})",
+              f"; exported the ViT without its text head to {out}", sep="", flush=True)
     if ddp:
         dist.destroy_process_group()
     return run_dir
@@ -1163,19 +1513,133 @@ def stop_requested(stop, ddp, boundary):
     return stop["signal"] is not None
 
 
-def check_finite(bad_step, run_dir):
+def check_finite(bad_step, run_dir, ddp=False):
+    """Stop at the first step whose loss was not finite (bad_step -1: none yet). A NaN on one
+    rank reaches the others' weights only through the next all-reduce, so the ranks agree
+    on the earliest bad step: all of them stop at the same boundary."""
+    if ddp:
+        none = torch.iinfo(torch.int64).max
+        first = torch.where(bad_step < 0, none, bad_step)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        bad_step = torch.where(first == none, -1, first)
     step = int(bad_step.item())
     if step >= 0:
         raise Diverged(f"the loss became NaN or infinite at step {step}; the last good checkpoint is in {run_dir}; "
                        "lower --lr or --clip-grad, then continue with --resume")
 
 
+# ----------------------------------------------------------------------------
+# Experiments: the paired comparison, and plots
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def compare(cfg, stop):
+    """--compare: the baseline (lambda = 0), TextTeacher, and the vision teacher if --teacher is
+    given, from the same seed: same initial ViT, data order, augmentation, CutMix and label
+    noise, so the difference is the objective's alone. Each arm is an ordinary run folder
+    under runs/NAME; an arm that already finished is reused, an interrupted one continued."""
+    cfg.name = cfg.name or f"compare-{os.path.basename(cfg.data.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = os.path.join(cfg.out_dir, cfg.name)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
+    if os.path.exists(os.path.join(root, "config.json")):
+        with open(os.path.join(root, "config.json")) as f:
+            if {k: v for k, v in json.load(f).items() if k not in RESUME_FREE} != settings:
+                raise UserError(f"{root} holds a comparison with other settings; choose another --name")
+    os.makedirs(root, exist_ok=True)
+    save_atomic(lambda p: open(p, "w").write(json.dumps(dataclasses.asdict(cfg), indent=2)), os.path.join(root, "config.json"))
+    arms = {"baseline": dict(text="", teacher="", text_loss_lambda=0.0)}
+    if cfg.text:
+        arms["textteacher"] = dict(teacher="")
+    if cfg.teacher:
+        arms["teacher"] = dict(text="")
+    runs = {}
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        for arm, changes in arms.items():
+            run = dataclasses.replace(cfg, compare=False, seeds=1, seed=seed, out_dir=root, name=f"seed{seed}-{arm}", **changes)
+            run_dir = os.path.join(root, run.name)
+            if not os.path.exists(os.path.join(run_dir, "export", "config.json")):
+                if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+                    run.resume = run_dir
+                train(run, set(), stop)
+            runs[(seed, arm)] = read_metrics(run_dir)
+    summary = summarize(runs, list(arms), list(range(cfg.seed, cfg.seed + cfg.seeds)))
+    save_atomic(lambda p: open(p, "w").write(json.dumps(summary, indent=2)), os.path.join(root, "compare.json"))
+    print(summary["table"])
+    return summary
+
+
+def summarize(runs, arms, seeds):
+    """The table of --compare: validation top-1 per epoch (mean over seeds), the final and best
+    differences to the baseline (mean and std over seeds) and the training time per epoch."""
+    def mean_std(values):
+        values = np.array(values, dtype=float)
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    epochs = len(runs[(seeds[0], arms[0])])
+    per_epoch = {arm: [float(np.mean([runs[(s, arm)][e]["top1"] for s in seeds])) for e in range(epochs)] for arm in arms}
+    out = dict(arms=arms, seeds=seeds, top1_per_epoch=per_epoch, runs={f"seed{s}-{a}": runs[(s, a)] for s, a in runs})
+    lines = [f"{'epoch':>10}" + "".join(f"{a:>14}" for a in arms)]
+    lines += [f"{e + 1:>10}" + "".join(f"{per_epoch[a][e]:>14.2f}" for a in arms) for e in range(epochs)]
+    time_base = float(np.mean([r["epoch_time"] for s in seeds for r in runs[(s, arms[0])]]))
+    for arm in arms[1:]:
+        final = mean_std([runs[(s, arm)][-1]["top1"] - runs[(s, arms[0])][-1]["top1"] for s in seeds])
+        best = mean_std([runs[(s, arm)][-1]["best_top1"] - runs[(s, arms[0])][-1]["best_top1"] for s in seeds])
+        seconds = float(np.mean([r["epoch_time"] for s in seeds for r in runs[(s, arm)]]))
+        out[arm] = dict(final_diff=final, best_diff=best, seconds_per_epoch=seconds, overhead=seconds / time_base - 1)
+        pm = f" +- {final[1]:.2f} (std over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+        lines.append(f"{arm} - baseline: final top1 {final[0]:+.2f}{pm}, best top1 {best[0]:+.2f}"
+                     + (f" +- {best[1]:.2f}" if len(seeds) > 1 else "")
+                     + f"; {seconds:.1f} s/epoch vs {time_base:.1f} s ({100 * (seconds / time_base - 1):+.1f}%)")
+    out["table"] = "\n".join(lines)
+    return out
+
+
+def plot_runs(paths, out):
+    """--plot: validation top-1 and text loss per epoch of run folders (or of the arms inside
+    a --compare folder), side by side, into one PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which is optional: pip install matplotlib") from None
+    runs = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            runs.append(path)
+        elif os.path.isdir(path):
+            runs += sorted(e.path for e in os.scandir(path) if os.path.isfile(os.path.join(e.path, "metrics.jsonl")))
+    if not runs:
+        raise UserError(f"no run with a metrics.jsonl in {' '.join(paths)}; pass run folders such as runs/NAME")
+    fig, (acc, txt) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        m = read_metrics(run)
+        epochs = [r["epoch"] for r in m]
+        acc.plot(epochs, [r["top1"] for r in m], label=os.path.relpath(run, os.path.commonpath(runs)) if len(runs) > 1 else run)
+        if m[0]["loss_txt"] is not None:
+            txt.plot(epochs, [r["loss_txt"] for r in m], label=os.path.basename(run))
+    acc.set(xlabel="epoch", ylabel="validation top-1 (%)", title="accuracy")
+    txt.set(xlabel="epoch", ylabel="L_txt (training mean)", title="text loss")
+    acc.legend(fontsize=8)
+    acc.grid(alpha=0.3)
+    txt.grid(alpha=0.3)
+    fig.tight_layout()
+    save_atomic(lambda p: fig.savefig(p, dpi=110), out)
+    print(f"wrote {out} ({len(runs)} runs)")
+
+
 def main(argv=None):
     cfg, given = parse_config(argv)
     try:
         check_config(cfg)
-        if cfg.export:
+        if cfg.plot:
+            plot_runs(cfg.plot, cfg.plot_out)
+        elif cfg.export:
             export_checkpoint(cfg.export)
+        elif cfg.benchmark:
+            benchmark(cfg)
         else:
             # SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) end the current step,
             # save a checkpoint and stop, instead of killing the run mid-write
@@ -1183,14 +1647,15 @@ def main(argv=None):
             previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
                         for s in (signal.SIGINT, signal.SIGTERM)}
             try:
-                train(cfg, given, stop)
+                compare(cfg, stop) if cfg.compare else train(cfg, given, stop)
             finally:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
     except UserError as e:
         # An error raised in a DataLoader worker arrives with the worker's traceback in its
-        # text; the user needs only its last line.
-        message = str(e).strip().splitlines()[-1].removeprefix("UserError: ")
+        # text; the user needs only its last line, without the class name ("UserError: " when
+        # run as a script, "textteacher.UserError: " when imported)
+        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
         print(f"error: {message}" if e.code != 130 else message, file=sys.stderr)
         sys.exit(e.code)
 
