@@ -189,6 +189,11 @@ def check_config(cfg):
         raise UserError(f"--augment must be 3aug, crop or none, got {cfg.augment!r}")
     if cfg.compile not in ("auto", "on", "off"):
         raise UserError(f"--compile must be auto, on or off, got {cfg.compile!r}")
+    # counts that divide or step the loop: 0 would fail with a ZeroDivisionError mid-run
+    for flag, value, least in (("--batch-size", cfg.batch_size, 1), ("--accum", cfg.accum, 1), ("--log-every", cfg.log_every, 1),
+                               ("--ckpt-every", cfg.ckpt_every, 0), ("--limit", cfg.limit, 0), ("--workers", cfg.workers, -1)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
     if not 0 <= cfg.label_noise < 1:
         raise UserError(f"--label-noise must be in [0, 1), got {cfg.label_noise}")
     if cfg.text_shuffle and cfg.text_random:
@@ -441,8 +446,10 @@ def train_transform(cfg):
 
 def normalize(images):
     """uint8 [B, 3, H, W] -> float, ImageNet mean and std (done on the device, after the copy)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    # non_blocking: a blocking copy to a GPU waits until all the work queued before it is
+    # done, which would stall the training loop once per step
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).mul(255).to(images.device, non_blocking=True)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).mul(255).to(images.device, non_blocking=True)
     return (images.float() - mean) / std
 
 
@@ -564,7 +571,10 @@ class TextTargets:
         self.val_vectors, self.val_keys = emb.get("val_embeddings"), emb.get("val_keys")
 
     def check_finite(self, path):
-        for start in range(0, len(self.vectors), 65536):  # chunked: never the whole file in RAM
+        # Chunked through the memory map: the only private memory is one chunk's mask (64 MB
+        # at D = 1024). The pages read stay in the page cache, shared by every process that
+        # maps the file; RSS counts them (as it will anyway once training has drawn every row).
+        for start in range(0, len(self.vectors), 65536):
             if not torch.isfinite(self.vectors[start:start + 65536]).all():
                 raise UserError(f"{path} contains NaN or inf values; write it again with caption_embed.py")
 
@@ -659,7 +669,10 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # shape = [3, B, heads, N, C / heads]
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # shape = [B, heads, N, C / heads]
+        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients at once,
+        # where each index's backward would write a zero-filled copy of the whole qkv tensor
+        q, k, v = qkv.unbind(0)  # shape = [B, heads, N, C / heads] each
+        x = F.scaled_dot_product_attention(q, k, v)  # shape = [B, heads, N, C / heads]
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # shape = [B, N, C]
 
 
@@ -1072,7 +1085,8 @@ def evaluate(vit, loader, device, autocast, ddp):
         with autocast:
             logits = vit(images)
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # shape = [B, 5]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+        counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
+        counts[2] += len(labels)  # a number: torch.tensor(n, device=...) is a blocking copy, which waits for the GPU
     if ddp:
         dist.all_reduce(counts)
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
@@ -1171,6 +1185,11 @@ def benchmark(cfg, warmup=2, steps=3, repeats=5):
     y = F.one_hot(torch.randint(num_classes, (micro,), device=device), num_classes).float()
     targets = torch.randn(micro, BENCH_TEXT_DIM, device=device)
     lam = 0.5  # the value does not change the cost, as long as it is above 0
+    where = f"{device.type}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+    print(f"benchmark: ViT-{cfg.model}/{cfg.patch_size} at {cfg.img_size}px, batch {cfg.batch_size}"
+          + (f" ({cfg.accum} x {micro})" if cfg.accum > 1 else "") + f", {cfg.optimizer}, {where}, "
+          + ("bf16 autocast" if device.type == "cuda" else "fp32") + (", compiled" if use_compile else ", eager")
+          + f"; medians of {repeats} x {steps} steps after {warmup} warm-up steps", flush=True)
 
     def training_step(text_dim):
         """A fresh model and optimiser, and a function doing one optimiser step of the loop with them."""
@@ -1217,6 +1236,8 @@ def benchmark(cfg, warmup=2, steps=3, repeats=5):
         times["baseline"].append(seconds(base_step))
         times["textteacher"].append(seconds(text_step))
     base, text = statistics.median(times["baseline"]), statistics.median(times["textteacher"])
+    # the cost ratio from the two arms' times of the same repeat: a slow phase cancels out
+    ratio = statistics.median(t / b for b, t in zip(times["baseline"], times["textteacher"]))
 
     vit = model.vit.eval()
     infer_model = torch.compile(vit) if use_compile else vit
@@ -1236,20 +1257,15 @@ def benchmark(cfg, warmup=2, steps=3, repeats=5):
              text_head_parameters=sum(p.numel() for p in model.text_head.parameters()),
              forward_flops=forward_flops, train_flops=train_flops,
              baseline_images_per_s=cfg.batch_size / base, textteacher_images_per_s=cfg.batch_size / text,
-             textteacher_step_ratio=text / base, inference_images_per_s=micro / infer_time,
+             textteacher_step_ratio=ratio, inference_images_per_s=micro / infer_time,
              peak_memory_mb=memory / 2 ** 20, matmul_peak_flops=peak)
     r["train_utilisation"] = r["baseline_images_per_s"] * train_flops / peak
     r["inference_utilisation"] = r["inference_images_per_s"] * forward_flops / peak
-    where = f"{device.type}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
-    print(f"benchmark: ViT-{cfg.model}/{cfg.patch_size} at {cfg.img_size}px, batch {cfg.batch_size}"
-          + (f" ({cfg.accum} x {micro})" if cfg.accum > 1 else "") + f", {cfg.optimizer}, {where}, "
-          + ("bf16 autocast" if device.type == "cuda" else "fp32") + (", compiled" if use_compile else ", eager")
-          + f"; medians of {repeats} x {steps} steps after {warmup} warm-up steps")
     print(f"  parameters     {r['parameters'] / 1e6:.2f}M in the ViT; the text head adds {r['text_head_parameters'] / 1e6:.2f}M "
           f"({BENCH_TEXT_DIM}-d targets) and is dropped at export")
     print(f"  FLOPs / image  {forward_flops / 1e9:.3f} G forward, {train_flops / 1e9:.3f} G training (forward + backward), by FlopCounterMode")
     print(f"  training       baseline {r['baseline_images_per_s']:.1f} img/s, TextTeacher {r['textteacher_images_per_s']:.1f} img/s: "
-          f"TextTeacher's step takes {r['textteacher_step_ratio']:.3f}x the baseline's")
+          f"TextTeacher's step takes {ratio:.3f}x the baseline's ({ratio - 1:+.1%})")
     print(f"  inference      {r['inference_images_per_s']:.1f} img/s")
     print(f"  peak memory    {r['peak_memory_mb']:.0f} MB ("
           + ("max allocated" if device.type == "cuda" else "rise of the max RSS") + " while training TextTeacher)")
@@ -1289,7 +1305,7 @@ def train(cfg, given, stop=None):
     if cfg.resume:
         ckpt, ckpt_path = load_checkpoint(cfg.resume)
         saved = ckpt["config"]
-        clash = [k for k in sorted(given) if k not in RESUME_FREE and getattr(cfg, k) != saved[k]]
+        clash = [k for k in sorted(given) if k not in RESUME_FREE and getattr(cfg, k) != saved.get(k, getattr(cfg, k))]
         if clash:
             raise UserError(f"--resume {ckpt_path} is a run with other settings ({', '.join(f'{k}={saved[k]!r}' for k in clash)}); "
                             "drop those flags to continue it, or start a new run")
@@ -1362,14 +1378,17 @@ def train(cfg, given, stop=None):
     width, depth, heads = MODEL_SIZES[cfg.model]
     model_args = dict(num_classes=len(classes), img_size=cfg.img_size, patch_size=cfg.patch_size,
                       width=width, depth=depth, heads=heads, mlp_ratio=4.0)
-    torch.manual_seed(cfg.seed + 1)  # stochastic depth draws the same stream with or without a text head
+    # stochastic depth: a stream of its own per rank (other masks on every GPU), the same with
+    # or without a text head (so the arms of --compare draw the same masks)
+    torch.manual_seed(cfg.seed + 1 + rank)
     optimizer = build_optimizer(cfg, model, device)
     epoch, step, best, sums = 0, 0, 0.0, torch.zeros(3, device=device)  # sums of loss_cls, loss_txt, w
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, step, best, sums = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["sums"].to(device)
-        set_rng_state(ckpt["rng"])
+        if len(ckpt["rng"]) == world:  # one state per rank; another number of processes starts fresh streams
+            set_rng_state(ckpt["rng"][rank])
     train_model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
     if use_compile:
         train_model = torch.compile(train_model)
@@ -1399,11 +1418,16 @@ def train(cfg, given, stop=None):
               + (f"; resuming at epoch {epoch + 1} step {step}" if ckpt else ""), flush=True)
 
     def checkpoint(epoch, step):
-        """Everything that decides the rest of the run, written by rank 0 only."""
+        """Everything that decides the rest of the run, written by rank 0 only (every rank calls it:
+        the RNG states of all ranks are gathered)."""
+        rngs = [rng_state()]
+        if ddp:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
         if not master:
             return
         state = dict(format="textteacher-checkpoint-v1", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     epoch=epoch, step=step, best=best, sums=sums.cpu(), rng=rng_state(), config=dataclasses.asdict(cfg),
+                     epoch=epoch, step=step, best=best, sums=sums.cpu(), rng=rngs, config=dataclasses.asdict(cfg),
                      model_args=model_args, text_dim=target_dim, classes=list(classes))
         save_atomic(lambda p: torch.save(state, p), os.path.join(run_dir, "checkpoint.pt"))
 
