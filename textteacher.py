@@ -1239,9 +1239,10 @@ def benchmark(cfg, warmup=2, steps=3, repeats=5):
     for _ in range(warmup):
         base_step()
     times = {"baseline": [], "textteacher": []}
-    for _ in range(repeats):
-        times["baseline"].append(seconds(base_step))
-        times["textteacher"].append(seconds(text_step))
+    arms = [("baseline", base_step), ("textteacher", text_step)]
+    for i in range(repeats):
+        for name, step in arms if i % 2 == 0 else arms[::-1]:  # either arm goes first as often
+            times[name].append(seconds(step))
     base, text = statistics.median(times["baseline"]), statistics.median(times["textteacher"])
     # the cost ratio from the two arms' times of the same repeat: a slow phase cancels out
     ratio = statistics.median(t / b for b, t in zip(times["baseline"], times["textteacher"]))
