@@ -1291,3 +1291,23 @@ def test_benchmark_command_prints_its_numbers_and_writes_nothing(tmp_path):
     for word in ("parameters", "FLOPs", "baseline", "TextTeacher", "inference", "peak memory", "matmul peak"):
         assert word in out.stdout
     assert os.listdir(tmp_path) == []  # no run folder, no data downloaded
+
+
+def test_a_compiled_model_gives_the_eager_losses_weight_and_gradients():
+    """--compile (the default on CUDA): the adaptive weight differentiates at F, which must stay a
+    node of the autograd graph. aot_eager traces as inductor does, without needing a C++ compiler."""
+    cfg = tt.Config(model="micro", img_size=16, patch_size=8, drop_path=0.0)
+    torch.manual_seed(0)
+    model = tt.build_model(cfg, 10, 12)
+    images, y, t = torch.randn(6, 3, 16, 16), torch.eye(10)[torch.arange(6)], torch.randn(6, 12)
+    results = []
+    for m in (model, torch.compile(model, backend="aot_eager")):
+        out = tt.step_losses(m, images, y, t, 0.5, cfg)
+        out[0].backward()
+        results.append((out, [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(a, b)
