@@ -184,23 +184,39 @@ def test_cutmix_mixes_targets_with_the_labels_lambda_and_partner():
 
 
 def test_lamb_against_its_formula():
+    """Every tensor its own moments, bias correction and trust ratio: two matrices of very
+    different norms, an all-zero matrix (ratio 1), a bias without decay (plain Adam), and a
+    matrix without a gradient in the first step (untouched, and a step behind afterwards)."""
     torch.manual_seed(0)
-    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
-    opt = tt.Lamb([dict(params=[w], weight_decay=0.1), dict(params=[b], weight_decay=0.0)], lr=0.01, eps=1e-6)
-    w0, b0 = w.detach().clone(), b.detach().clone()
-    m_w, v_w, m_b, v_b = torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3), torch.zeros(3)
-    b1, b2 = 0.9, 0.999
-    for step in (1, 2):
-        gw, gb = torch.randn(4, 3), torch.randn(3)
-        w.grad, b.grad = gw.clone(), gb.clone()
+    shapes = {"w": (4, 3), "big": (5, 2), "zero": (2, 2), "late": (3, 3), "b": (3,)}
+    init = {"w": torch.randn(4, 3), "big": 100 * torch.randn(5, 2), "zero": torch.zeros(2, 2),
+            "late": torch.randn(3, 3), "b": torch.randn(3)}
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+    decay = ["w", "big", "zero", "late"]
+    opt = tt.Lamb([dict(params=[params[k] for k in decay], weight_decay=0.1), dict(params=[params["b"]], weight_decay=0.0)],
+                  lr=0.01, eps=1e-6)
+    b1, b2, lr, eps = 0.9, 0.999, 0.01, 1e-6
+    ref = {k: dict(p=init[k].clone(), m=torch.zeros(shapes[k]), v=torch.zeros(shapes[k]), t=0) for k in shapes}
+    for step in (1, 2, 3):
+        for k, p in params.items():
+            if k == "late" and step == 1:
+                p.grad = None
+                continue
+            g = torch.randn(shapes[k])
+            p.grad = g.clone()
+            r = ref[k]
+            r["t"] += 1
+            r["m"], r["v"] = b1 * r["m"] + (1 - b1) * g, b2 * r["v"] + (1 - b2) * g ** 2
+            u = (r["m"] / (1 - b1 ** r["t"])) / ((r["v"] / (1 - b2 ** r["t"])).sqrt() + eps)
+            if k in decay:
+                u = u + 0.1 * r["p"]
+                trust = r["p"].norm() / u.norm() if r["p"].norm() > 0 else 1.0  # ||w|| / ||u||
+                u = trust * u
+            r["p"] = r["p"] - lr * u
         opt.step()
-        m_w, v_w = b1 * m_w + (1 - b1) * gw, b2 * v_w + (1 - b2) * gw ** 2
-        m_b, v_b = b1 * m_b + (1 - b1) * gb, b2 * v_b + (1 - b2) * gb ** 2
-        u = (m_w / (1 - b1 ** step)) / ((v_w / (1 - b2 ** step)).sqrt() + 1e-6) + 0.1 * w0
-        w0 = w0 - 0.01 * (w0.norm() / u.norm()) * u  # trust ratio ||w|| / ||u||
-        b0 = b0 - 0.01 * (m_b / (1 - b1 ** step)) / ((v_b / (1 - b2 ** step)).sqrt() + 1e-6)  # no decay: plain Adam
-        torch.testing.assert_close(w.detach(), w0)
-        torch.testing.assert_close(b.detach(), b0)
+        for k, p in params.items():
+            torch.testing.assert_close(p.detach(), ref[k]["p"], msg=f"{k} after step {step}")
+    assert opt.state[params["late"]]["step"] == 2 and opt.state[params["w"]]["step"] == 3
 
 
 def test_learning_rate_warmup_and_cosine():

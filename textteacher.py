@@ -938,22 +938,35 @@ class Lamb(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
                 state["step"] += 1
-                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                u = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
-                if wd != 0:
-                    u.add_(p, alpha=wd)
-                    w_norm, u_norm = p.norm(), u.norm()
-                    u.mul_(torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0))
-                p.add_(u, alpha=-lr)
+            # the formula above on every tensor of the group at once: a torch._foreach_ call does
+            # one operation on a list of tensors (as torch.optim's own optimisers do), where a loop
+            # over the ~150 tensors of a ViT would launch a dozen small GPU kernels for each
+            g = [p.grad for p in params]
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            t = [self.state[p]["step"] for p in params]
+            torch._foreach_lerp_(m, g, 1 - b1)  # m + (1 - b1) (g - m) = b1 m + (1 - b1) g
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, g, g, value=1 - b2)
+            denom = torch._foreach_div(v, [1 - b2 ** s for s in t])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            u = torch._foreach_div(m, [1 - b1 ** s for s in t])
+            torch._foreach_div_(u, denom)
+            if wd != 0:
+                torch._foreach_add_(u, params, alpha=wd)
+                w_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(u))
+                r = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)  # one trust ratio per tensor
+                torch._foreach_mul_(u, list(r.unbind()))
+            torch._foreach_add_(params, u, alpha=-lr)
 
 
 def build_optimizer(cfg, model, device):
@@ -1463,15 +1476,19 @@ def train(cfg, given, stop=None):
                 group["lr"] = lr
             for a in range(cfg.accum):
                 images, labels, index = next(batches)
-                # the text targets are gathered on the host from the memory-mapped file, then copied
-                targets = text.targets(index, labels).to(device, non_blocking=True) if text else None
+                # the text targets are gathered on the host from the memory-mapped file; on a GPU
+                # through page-locked memory, so that the copy runs without holding the host up
+                targets = text.targets(index, labels) if text else None
+                if targets is not None:
+                    targets = (targets.pin_memory() if device.type == "cuda" else targets).to(device, non_blocking=True)
                 images = normalize(images.to(device, non_blocking=True))
                 labels = labels.to(device, non_blocking=True)
                 y = F.one_hot(labels, num_classes).float()
                 if cfg.cutmix > 0:
                     images, y, targets, _ = cutmix(images, y, targets, cfg.cutmix, (cfg.seed, global_step, a, rank))
                 if teacher is not None:
-                    targets = teacher(images)  # the vision teacher sees the very batch the student sees
+                    with autocast:  # in the student's precision; the targets come out in fp32
+                        targets = teacher(images)  # the vision teacher sees the very batch the student sees
                 # DDP averages gradients only on the last micro-batch of a step
                 sync = contextlib.nullcontext() if not ddp or a == cfg.accum - 1 else train_model.no_sync()
                 with sync:
