@@ -1292,7 +1292,8 @@ def test_benchmark_times_the_training_loops_step(monkeypatch):
     for key in ("baseline_images_per_s", "textteacher_images_per_s", "inference_images_per_s", "matmul_peak_flops",
                 "train_utilisation", "inference_utilisation", "forward_flops", "train_flops"):
         assert 0 < r[key] < math.inf, key
-    assert 0 < r["textteacher_step_ratio"] < math.inf
+    low, high = r["textteacher_step_ratio_quartiles"]
+    assert 0 < low <= r["textteacher_step_ratio"] <= high < math.inf
     assert r["peak_memory_mb"] >= 0  # a rise of the high-water mark: 0 if the process held more before
     width = tt.MODEL_SIZES["micro"][0]
     assert r["text_head_parameters"] == (width + 1) * tt.BENCH_TEXT_DIM

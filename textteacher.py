@@ -1190,7 +1190,7 @@ def max_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def benchmark(cfg, warmup=2, steps=2, repeats=9):
+def benchmark(cfg, warmup=3, steps=1, repeats=15):
     """--benchmark: time the training step of the configured model without and with the text
     objective, and inference, on synthetic batches; print the numbers and return them.
 
@@ -1266,7 +1266,10 @@ def benchmark(cfg, warmup=2, steps=2, repeats=9):
             times[name].append(seconds(step))
     base, text = statistics.median(times["baseline"]), statistics.median(times["textteacher"])
     # the cost ratio from the two arms' times of the same repeat: a slow phase cancels out
-    ratio = statistics.median(t / b for b, t in zip(times["baseline"], times["textteacher"]))
+    ratios = [t / b for b, t in zip(times["baseline"], times["textteacher"])]
+    ratio = statistics.median(ratios)
+    # the middle half of the per-repeat ratios: how far to trust the median on this machine
+    spread = statistics.quantiles(ratios, n=4, method="inclusive")[::2] if repeats > 1 else [ratio, ratio]
 
     vit = model.vit.eval()
     infer_model = torch.compile(vit) if use_compile else vit
@@ -1286,7 +1289,7 @@ def benchmark(cfg, warmup=2, steps=2, repeats=9):
              text_head_parameters=sum(p.numel() for p in model.text_head.parameters()),
              forward_flops=forward_flops, train_flops=train_flops,
              baseline_images_per_s=cfg.batch_size / base, textteacher_images_per_s=cfg.batch_size / text,
-             textteacher_step_ratio=ratio, inference_images_per_s=micro / infer_time,
+             textteacher_step_ratio=ratio, textteacher_step_ratio_quartiles=spread, inference_images_per_s=micro / infer_time,
              peak_memory_mb=memory / 2 ** 20, matmul_peak_flops=peak)
     r["train_utilisation"] = r["baseline_images_per_s"] * train_flops / peak
     r["inference_utilisation"] = r["inference_images_per_s"] * forward_flops / peak
@@ -1294,7 +1297,8 @@ def benchmark(cfg, warmup=2, steps=2, repeats=9):
           f"({BENCH_TEXT_DIM}-d targets) and is dropped at export")
     print(f"  FLOPs / image  {forward_flops / 1e9:.3f} G forward, {train_flops / 1e9:.3f} G training (forward + backward), by FlopCounterMode")
     print(f"  training       baseline {r['baseline_images_per_s']:.1f} img/s, TextTeacher {r['textteacher_images_per_s']:.1f} img/s: "
-          f"per repeat, TextTeacher's step took a median {ratio:.3f}x the baseline's ({ratio - 1:+.1%})")
+          f"per repeat, TextTeacher's step took a median {ratio:.3f}x the baseline's ({ratio - 1:+.1%}; "
+          f"middle half of the repeats {spread[0]:.3f}-{spread[1]:.3f}x)")
     print(f"  inference      {r['inference_images_per_s']:.1f} img/s")
     print(f"  peak memory    {r['peak_memory_mb']:.0f} MB ("
           + ("max allocated" if device.type == "cuda" else "rise of the max RSS") + " while training TextTeacher)")
