@@ -1328,3 +1328,25 @@ def test_a_compiled_model_gives_the_eager_losses_weight_and_gradients():
         torch.testing.assert_close(a, b)
     for a, b in zip(eager_grads, compiled_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_against_timm_compares_the_same_network():
+    """benchmarks/against_timm.py (where timm is installed): the same weights give the same logits
+    in both models, and the ratio of timm to itself is exactly 1."""
+    pytest.importorskip("timm")
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import against_timm
+    r = against_timm.main(["--model", "micro", "--img-size", "16", "--patch-size", "8", "--batch-size", "8",
+                           "--steps", "3", "--warmup", "1"])
+    assert r["logit_gap"] < 1e-5
+    assert r["timm"]["speed_vs_timm"] == 1.0 and 0 < r["textteacher"]["speed_vs_timm"] < math.inf
+
+
+def test_against_sentence_transformers_gives_the_same_vectors():
+    """benchmarks/against_sentence_transformers.py (where sentence-transformers is installed):
+    caption_embed's vectors equal sentence-transformers' to 1e-5, the issue's bar."""
+    pytest.importorskip("sentence_transformers")
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import against_sentence_transformers
+    r = against_sentence_transformers.main(["--captions", "40", "--chunk", "20", "--rounds", "1", "--batch-size", "16"])
+    assert r[16]["max_abs_difference"] < 1e-5 and 0 < r[16]["speed_ratio"] < math.inf
