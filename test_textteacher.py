@@ -939,6 +939,10 @@ def test_two_processes_equal_one_with_accumulation_and_count_each_val_image_once
     single = checkpoint(tmp_path / "single")["model"]
     for k in single:
         torch.testing.assert_close(rank0[k], single[k], rtol=0, atol=1e-6, msg=k)
+    # the logged losses and weight are those of the whole batch, not of rank 0's half
+    (m_ddp,), (m_single,) = metrics(str(tmp_path / "ddp")), metrics(str(tmp_path / "single"))
+    for key in ("loss_cls", "loss_txt", "w"):
+        assert m_ddp[key] == pytest.approx(m_single[key], rel=1e-5), key
 
     # the accuracy the two ranks reported is that of one process evaluating all 33 images
     cfg = tt.parse_config(args)[0]

@@ -1450,9 +1450,18 @@ def train(cfg, given, stop=None):
               + f"; {world} process(es) x {cfg.accum} accum x {micro} per device = batch {cfg.batch_size}; {device}"
               + (f"; resuming at epoch {epoch + 1} step {step}" if ckpt else ""), flush=True)
 
+    def average_sums():
+        """Every rank's loss sums become the mean over ranks, so that the log is that of the whole
+        batch, not of rank 0's share. A linear map: averaging mid-epoch (at a checkpoint) and again
+        at the end of the epoch gives the same mean as averaging once."""
+        if ddp:
+            dist.all_reduce(sums)
+            sums.div_(world)
+
     def checkpoint(epoch, step):
         """Everything that decides the rest of the run, written by rank 0 only (every rank calls it:
-        the RNG states of all ranks are gathered)."""
+        the RNG states of all ranks are gathered, the loss sums averaged)."""
+        average_sums()
         rngs = [rng_state()]
         if ddp:
             rngs = [None] * world
@@ -1527,6 +1536,7 @@ def train(cfg, given, stop=None):
         # right after that step resumes with no step left to run in the epoch
         lr = lr_at(cfg, (epoch + 1) * steps_per_epoch - 1, steps_per_epoch)
         top1, top5 = evaluate(model.vit, val_loader, device, autocast, ddp)
+        average_sums()
         means = (sums / steps_per_epoch).tolist()
         best = max(best, top1)
         record = dict(epoch=epoch + 1, loss_cls=means[0], loss_txt=means[1] if target_dim else None,
