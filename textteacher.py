@@ -965,6 +965,7 @@ class Lamb(torch.optim.Optimizer):
                 torch._foreach_add_(u, params, alpha=wd)
                 w_norm, u_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(u))
                 r = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)  # one trust ratio per tensor
+                # (tensor times its own 0-d ratio: PyTorch runs this one as a loop over tensors inside)
                 torch._foreach_mul_(u, list(r.unbind()))
             torch._foreach_add_(params, u, alpha=-lr)
 
@@ -1489,8 +1490,8 @@ def train(cfg, given, stop=None):
                 group["lr"] = lr
             for a in range(cfg.accum):
                 images, labels, index = next(batches)
-                # the text targets are gathered on the host from the memory-mapped file; on a GPU
-                # through page-locked memory, so that the copy runs without holding the host up
+                # the text targets are gathered on the host from the memory-mapped file; on a GPU they
+                # are staged in page-locked memory, from which the copy to the device is asynchronous
                 targets = text.targets(index, labels) if text else None
                 if targets is not None:
                     targets = (targets.pin_memory() if device.type == "cuda" else targets).to(device, non_blocking=True)
