@@ -488,7 +488,7 @@ def test_alignment_is_logged_each_epoch(tmp_path):
 
 
 def test_compare_runs_both_arms_from_the_same_start(tmp_path, shapes_text):
-    assert run(QUICK + ["--text", shapes_text, "--compare", "--seeds", "2", "--out-dir", str(tmp_path), "--name", "c"]) == 0
+    assert run(QUICK + ["--epochs", "1", "--text", shapes_text, "--compare", "--seeds", "2", "--out-dir", str(tmp_path), "--name", "c"]) == 0
     summary = json.load(open(tmp_path / "c" / "compare.json"))
     assert summary["arms"] == ["baseline", "textteacher"] and summary["seeds"] == [0, 1]
     diffs = [metrics(str(tmp_path / "c" / f"seed{s}-textteacher"))[-1]["top1"] - metrics(str(tmp_path / "c" / f"seed{s}-baseline"))[-1]["top1"]
@@ -497,13 +497,13 @@ def test_compare_runs_both_arms_from_the_same_start(tmp_path, shapes_text):
     assert summary["textteacher"]["final_diff"][1] == pytest.approx(np.std(diffs, ddof=1))
     assert metrics(str(tmp_path / "c" / "seed0-baseline"))[0]["loss_txt"] is None
     # the baseline arm is exactly the standalone baseline of the same seed
-    assert run(QUICK + ["--out-dir", str(tmp_path), "--name", "alone"]) == 0
+    assert run(QUICK + ["--epochs", "1", "--out-dir", str(tmp_path), "--name", "alone"]) == 0
     a = torch.load(tmp_path / "alone" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "c" / "seed0-baseline" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the same command again reuses the finished arms instead of training them again
     before = os.path.getmtime(tmp_path / "c" / "seed0-baseline" / "checkpoint.pt")
-    assert run(QUICK + ["--text", shapes_text, "--compare", "--seeds", "2", "--out-dir", str(tmp_path), "--name", "c"]) == 0
+    assert run(QUICK + ["--epochs", "1", "--text", shapes_text, "--compare", "--seeds", "2", "--out-dir", str(tmp_path), "--name", "c"]) == 0
     assert os.path.getmtime(tmp_path / "c" / "seed0-baseline" / "checkpoint.pt") == before
 
 
@@ -530,15 +530,21 @@ def test_vision_teacher_targets_are_its_pooled_features(tmp_path):
     assert metrics(str(tmp_path / "t"))[0]["loss_txt"] > 0
 
 
-def test_plot_writes_a_png_or_says_what_is_missing(tmp_path, shapes_text):
-    assert run(QUICK + ["--epochs", "1", "--out-dir", str(tmp_path), "--name", "p"]) == 0
-    r = cli("--plot", str(tmp_path / "p"), "--plot-out", str(tmp_path / "p.png"))
+def test_plot_writes_a_png_or_says_what_is_missing(tmp_path, capsys):
+    for name, loss_txt in (("baseline", None), ("textteacher", 2.5)):  # the metrics.jsonl lines a run writes
+        os.makedirs(tmp_path / "c" / name)
+        with open(tmp_path / "c" / name / "metrics.jsonl", "w") as f:
+            for epoch in (1, 2):
+                f.write(json.dumps(dict(epoch=epoch, top1=10.0 * epoch, loss_txt=loss_txt)) + "\n")
+    code = run(["--plot", str(tmp_path / "c"), "--plot-out", str(tmp_path / "p.png")])
+    out, err = capsys.readouterr()
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert r.returncode == 2 and r.stderr.strip() == "error: --plot needs matplotlib, which is optional: pip install matplotlib"
+        assert code == 2 and err.strip() == "error: --plot needs matplotlib, which is optional: pip install matplotlib"
         return
-    assert r.returncode == 0, r.stderr
+    assert code == 0, err
+    assert "(2 runs)" in out  # both arms found inside the --compare folder
     with open(tmp_path / "p.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
