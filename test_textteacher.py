@@ -1299,11 +1299,12 @@ def test_benchmark_times_the_training_loops_step(monkeypatch):
     monkeypatch.setattr(tt, "step_losses", spy)
     cfg = tt.Config(model="micro", img_size=16, patch_size=8, batch_size=8, optimizer="adamw", device="cpu", compile="off")
     r = tt.benchmark(cfg, warmup=1, steps=1, repeats=3)
-    assert seen.count(True) == seen.count(False) == 1 + 3  # warm-up and timed steps of each arm
+    assert seen.count(True) == seen.count(False) == 1 + 3 + 1 + 30  # warm-up and timed steps, then from F
     for key in ("baseline_images_per_s", "textteacher_images_per_s", "inference_images_per_s", "matmul_peak_flops",
                 "train_utilisation", "inference_utilisation", "forward_flops", "train_flops"):
         assert 0 < r[key] < math.inf, key
     assert all(0 < v < math.inf for v in (r["textteacher_step_ratio"], *r["textteacher_step_ratio_quartiles"]))
+    assert 0 < r["text_objective_ms"] < 1e3 / r["textteacher_images_per_s"] * cfg.batch_size  # part of a step
     assert r["peak_memory_mb"] >= 0  # a rise of the high-water mark: 0 if the process held more before
     width = tt.MODEL_SIZES["micro"][0]
     assert r["text_head_parameters"] == (width + 1) * tt.BENCH_TEXT_DIM
@@ -1315,7 +1316,7 @@ def test_benchmark_command_prints_its_numbers_and_writes_nothing(tmp_path):
                           "--img-size", "16", "--patch-size", "8", "--batch-size", "8", "--device", "cpu"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for word in ("parameters", "FLOPs", "baseline", "TextTeacher", "inference", "peak memory", "matmul peak"):
+    for word in ("parameters", "FLOPs", "baseline", "TextTeacher", "text objective", "inference", "peak memory", "matmul peak"):
         assert word in out.stdout
     assert os.listdir(tmp_path) == []  # no run folder, no data downloaded
 
