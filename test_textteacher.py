@@ -982,9 +982,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(folder, reference, tmp_p
     assert p.returncode == -signal.SIGKILL
     killed_at = checkpoint(tmp_path / "cut")
     assert killed_at["step"] > 0  # the run died mid-epoch and continues from there
+    # had the kill come mid-save, the temporary file would be left: resume removes it
+    partial = tmp_path / "cut" / f"checkpoint.tmp{p.pid}.pt"
+    partial.write_bytes(b"PK\x03\x04 torn")
     capsys.readouterr()
     assert run(["--resume", str(tmp_path / "cut"), "--workers", "2"]) == 0
-    assert f"resuming at epoch {killed_at['epoch'] + 1} step {killed_at['step']}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"resuming at epoch {killed_at['epoch'] + 1} step {killed_at['step']}" in out
+    assert not partial.exists() and f"removed {partial}" in out
     assert_same_weights(checkpoint(tmp_path / "cut")["model"], checkpoint(reference)["model"])
     assert untimed(str(tmp_path / "cut")) == untimed(reference)
 

@@ -38,6 +38,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import statistics
 import sys
@@ -1000,7 +1001,8 @@ def rng_state():
     """Every RNG that decides the future of the run, in types torch.load(weights_only=True) accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                mps=torch.mps.get_rng_state() if torch.backends.mps.is_available() else None)
 
 
 def set_rng_state(state):
@@ -1010,6 +1012,8 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("mps") is not None and torch.backends.mps.is_available():  # absent from older checkpoints
+        torch.mps.set_rng_state(state["mps"])
 
 
 def save_atomic(save, path):
@@ -1454,6 +1458,13 @@ def train(cfg, given, stop=None):
         os.makedirs(run_dir, exist_ok=True)
         save_atomic(lambda p: open(p, "w").write(json.dumps(dataclasses.asdict(cfg), indent=2)), os.path.join(run_dir, "config.json"))
         log = os.path.join(run_dir, "metrics.jsonl")
+        if ckpt:
+            # a process killed while saving leaves its temporary file (name.tmpPID.ext, see
+            # save_atomic) next to the intact previous one: partial, of no use, and possibly large
+            for entry in os.scandir(run_dir):
+                if re.fullmatch(r"\w+\.tmp\d+\.(pt|json|jsonl)", entry.name):
+                    os.remove(entry.path)
+                    print(f"removed {entry.path}, a partial file left by a process killed while saving", flush=True)
         if ckpt and os.path.exists(log):
             # an epoch is logged just before its checkpoint is written: a run that died in
             # between logged an epoch it will now run again, so drop it (and any torn last line)
