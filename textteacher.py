@@ -1031,6 +1031,14 @@ def save_atomic(save, path):
             os.remove(tmp)
 
 
+def save_json(obj, path, indent=2):
+    """A JSON file, written atomically (save_atomic)."""
+    def write(p):
+        with open(p, "w") as f:
+            json.dump(obj, f, indent=indent)
+    save_atomic(write, path)
+
+
 def load_checkpoint(path):
     """A checkpoint file, or the checkpoint.pt of a run folder."""
     if os.path.isdir(path):
@@ -1075,7 +1083,7 @@ def export(vit, model_args, classes, out_dir):
     config = dict(model_args=model_args, timm_kwargs=timm_config(model_args), classes=list(classes),
                   input=dict(size=model_args["img_size"], mean=IMAGENET_MEAN, std=IMAGENET_STD, range="RGB in [0, 1], then normalised"))
     save_atomic(lambda p: save_file(state, p), os.path.join(out_dir, "model.safetensors"))
-    save_atomic(lambda p: open(p, "w").write(json.dumps(config, indent=2)), os.path.join(out_dir, "config.json"))
+    save_json(config, os.path.join(out_dir, "config.json"))
 
     # check: a fresh ViT built from the written files gives exactly the same logits
     x = torch.randn(4, 3, model_args["img_size"], model_args["img_size"], generator=torch.Generator().manual_seed(0))
@@ -1205,11 +1213,7 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
     by repeat, so that a slow phase of a shared machine hits both alike; every number is the
     median over repeats of `steps` steps, after `warmup` untimed steps (which also compile).
     """
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available()
-                          else "mps" if torch.backends.mps.is_available() else "cpu")
-    # the same precision and compilation as train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    device, autocast, use_compile = compute_setup(cfg)  # the same device, precision and compilation as train()
     num_classes = {"shapes": len(SHAPE_KINDS), "cifar100": 100}.get(cfg.data, 1000)  # as --data would have it
     micro = cfg.batch_size // cfg.accum
     if micro < 2 or micro * cfg.accum != cfg.batch_size:
@@ -1338,6 +1342,20 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
 # ----------------------------------------------------------------------------
 # Training
 
+def compute_setup(cfg, local_rank=None):
+    """(device, autocast, use_compile) for training and the benchmark alike: bf16 autocast on
+    CUDA (no loss scaler needed, unlike fp16), fp32 elsewhere; torch.compile on CUDA unless
+    --compile says otherwise. local_rank: this process's GPU under torchrun."""
+    name = cfg.device if cfg.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" and local_rank is not None else name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return device, autocast, cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
 def train(cfg, given, stop=None):
     """Train, evaluate every epoch, checkpoint, export. stop["signal"] is set by main's signal handler."""
     stop = stop if stop is not None else {"signal": None}
@@ -1351,15 +1369,9 @@ def train(cfg, given, stop=None):
     else:
         rank, world, local_rank = 0, 1, 0
     master = rank == 0
+    device, autocast, use_compile = compute_setup(cfg, local_rank if ddp else None)
     if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" and ddp else cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast on CUDA (no loss scaler needed, unlike fp16); fp32 elsewhere
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+        cfg.device = device.type
 
     # -- resume: the checkpoint's config decides everything but how to compute -------
     ckpt = None
@@ -1456,7 +1468,7 @@ def train(cfg, given, stop=None):
 
     if master:
         os.makedirs(run_dir, exist_ok=True)
-        save_atomic(lambda p: open(p, "w").write(json.dumps(dataclasses.asdict(cfg), indent=2)), os.path.join(run_dir, "config.json"))
+        save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
         log = os.path.join(run_dir, "metrics.jsonl")
         if ckpt:
             # a process killed while saving leaves its temporary file (name.tmpPID.ext, see
@@ -1474,7 +1486,7 @@ def train(cfg, given, stop=None):
         if cfg.label_noise > 0:  # which labels were replaced, and by what: the run can be audited
             noise = dict(p=cfg.label_noise, seed=cfg.seed, flipped=flipped.tolist(), new_labels=labels[flipped].tolist(),
                          clean_labels=train_base.labels[flipped].tolist())
-            save_atomic(lambda p: open(p, "w").write(json.dumps(noise)), os.path.join(run_dir, "label_noise.json"))
+            save_json(noise, os.path.join(run_dir, "label_noise.json"), indent=None)
         n_params = sum(p.numel() for p in model.vit.parameters())
         print(f"run {run_dir}: {cfg.data}, {len(train_base)} training images, {len(classes)} classes; ViT-{cfg.model}/{cfg.patch_size} "
               f"at {cfg.img_size}px ({n_params / 1e6:.2f}M parameters); "
@@ -1655,7 +1667,7 @@ def compare(cfg, stop):
             if {k: v for k, v in json.load(f).items() if k not in RESUME_FREE} != settings:
                 raise UserError(f"{root} holds a comparison with other settings; choose another --name")
     os.makedirs(root, exist_ok=True)
-    save_atomic(lambda p: open(p, "w").write(json.dumps(dataclasses.asdict(cfg), indent=2)), os.path.join(root, "config.json"))
+    save_json(dataclasses.asdict(cfg), os.path.join(root, "config.json"))
     arms = {"baseline": dict(text="", teacher="", text_loss_lambda=0.0)}
     if cfg.text:
         arms["textteacher"] = dict(teacher="")
@@ -1672,7 +1684,7 @@ def compare(cfg, stop):
                 train(run, set(), stop)
             runs[(seed, arm)] = read_metrics(run_dir)
     summary = summarize(runs, list(arms), list(range(cfg.seed, cfg.seed + cfg.seeds)))
-    save_atomic(lambda p: open(p, "w").write(json.dumps(summary, indent=2)), os.path.join(root, "compare.json"))
+    save_json(summary, os.path.join(root, "compare.json"))
     print(summary["table"])
     return summary
 
