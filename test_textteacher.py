@@ -35,12 +35,13 @@ torch.set_num_threads(2)
 # ----------------------------------------------------------------------------
 # helpers
 
-def write_embeddings(path, keys, vectors, level="image", **extra):
-    """An embeddings file in the documented format, written without caption_embed.py."""
+def write_embeddings(path, keys, vectors, level="image", **changes):
+    """An embeddings file in the documented format, written without caption_embed.py; `changes`
+    add or replace fields (e.g. split="val")."""
     vectors = torch.as_tensor(vectors, dtype=torch.float32).contiguous()
-    torch.save(dict(format="textteacher-embeddings-v1", embeddings=vectors, keys=list(keys), level=level, split="train",
-                    mean=vectors.mean(0), std=vectors.std(0), encoder="test", pooling="none", source_sha256="",
-                    dataset="", **extra), path)
+    torch.save({**dict(format="textteacher-embeddings-v1", embeddings=vectors, keys=list(keys), level=level, split="train",
+                       mean=vectors.mean(0), std=vectors.std(0), encoder="test", pooling="none", source_sha256="",
+                       dataset=""), **changes}, path)
 
 
 def bag_of_words(captions, dim=32):
@@ -59,9 +60,7 @@ def run(argv):
     return 0
 
 
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+metrics = tt.read_metrics
 
 
 def cli(*args, cwd=HERE):
@@ -304,20 +303,9 @@ def test_cifar100_loader_reads_torchvisions_format(tmp_path):
     assert tt.class_names("cifar100", str(tmp_path))[0][:2] == ["class_0", "class_1"]
 
 
-def write_image_folder(root, classes=("cat", "dog", "eel"), per_class=6):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            os.makedirs(os.path.join(root, split, c))
-            for i in range(per_class if split == "train" else 2):
-                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(os.path.join(root, split, c, f"{c}_{split}_{i}.JPEG"))
-
-
 def test_image_folder_trains_with_class_level_text(tmp_path):
     root = str(tmp_path / "pets")
-    write_image_folder(root)
+    write_folder(root, ("cat", "dog", "eel"), train=6, val=2, ext="JPEG")
     cfg = tt.Config(data=root, img_size=32)
     train, val, keys, classes, val_keys = tt.build_data(cfg)
     assert classes == ["cat", "dog", "eel"] and keys[0] == "cat_train_0.JPEG" and len(train) == 18 and len(val) == 6
@@ -778,8 +766,8 @@ TIMING = {"images_per_s", "epoch_time"}  # the only fields of metrics.jsonl that
 # ----------------------------------------------------------------------------
 # helpers
 
-def write_folder(root, classes=("a", "b", "c"), train=64, val=11):
-    """An image folder of random 36x40 PNGs (train/CLASS, val/CLASS); returns the training file names.
+def write_folder(root, classes=("a", "b", "c"), train=64, val=11, ext="png"):
+    """An image folder of random 36x40 images (train/CLASS, val/CLASS); returns the training file names.
     3 x 11 = 33 validation images: an odd number, so two ranks cannot split it evenly."""
     from PIL import Image
     rng = np.random.default_rng(0)
@@ -788,7 +776,7 @@ def write_folder(root, classes=("a", "b", "c"), train=64, val=11):
         for c in classes:
             os.makedirs(os.path.join(root, split, c))
             for i in range(n):
-                name = f"{c}_{split}_{i}.png"
+                name = f"{c}_{split}_{i}.{ext}"
                 Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(os.path.join(root, split, c, name))
                 if split == "train":
                     keys.append(name)
@@ -1149,24 +1137,16 @@ def test_embeddings_of_another_dataset(folder, tmp_path, capsys):
     assert "192 of 192 training images have no text target" in line and "another dataset" in line
     # keys can match by chance (shapes and CIFAR-100 are both keyed 0, 1, ...): the dataset tag decides
     _, _, keys = folder
-    write_raw_embeddings(tmp_path / "cifar.pt", keys, torch.randn(len(keys), 8), dataset="cifar100")
+    write_embeddings(tmp_path / "cifar.pt", keys, torch.randn(len(keys), 8), dataset="cifar100")
     line = fails(capsys, args + ["--data", "imagenet", "--data-dir", folder[0], "--text", str(tmp_path / "cifar.pt")])
     assert line == (f"error: {tmp_path / 'cifar.pt'} holds the captions of cifar100, not of --data imagenet; "
                     "embed the captions of imagenet with caption_embed.py")
     assert not os.path.exists(tmp_path / "r")
 
 
-def write_raw_embeddings(path, keys, vectors, **changes):
-    """write_embeddings, then some fields replaced (e.g. split)."""
-    write_embeddings(path, keys, vectors)
-    emb = torch.load(path, weights_only=True)
-    emb.update(changes)
-    torch.save(emb, path)
-
-
 def test_embeddings_of_the_validation_split(folder, tmp_path, capsys):
     _, _, keys = folder
-    write_raw_embeddings(tmp_path / "val.pt", keys, torch.randn(len(keys), 8), split="val")
+    write_embeddings(tmp_path / "val.pt", keys, torch.randn(len(keys), 8), split="val")
     line = fails(capsys, base_args(folder, tmp_path) + ["--text", str(tmp_path / "val.pt"), "--name", "r"])
     assert line.startswith("error: ") and "holds the 'val' split" in line
     assert not os.path.exists(tmp_path / "r")
