@@ -33,7 +33,7 @@ import hashlib
 import json
 import math
 import os
-import signal
+import re
 import sys
 import tempfile
 import time
@@ -55,14 +55,15 @@ class UserError(Exception):
     code = 2
 
 
+def need(ok, message):
+    """A check on the input: a one-line UserError with the message unless ok."""
+    if not ok:
+        raise UserError(message)
+
+
 class Diverged(UserError):
     """The loss or the gradient became NaN or infinite: one line, exit code 1."""
     code = 1
-
-
-class Interrupted(UserError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved; exit with the shell's code for SIGINT."""
-    code = 130
 
 
 # ----------------------------------------------------------------------------
@@ -79,6 +80,7 @@ def opt(default, help, allowed=None):
 
 
 POSITIVE, COUNT, UNIT = "(0, inf)", "[0, inf)", "[0, 1)"
+JUMP = r"jump-(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)"  # the schedule jump-A-B-R
 
 
 @dataclass
@@ -88,10 +90,8 @@ class Config:
     data_dir: str = opt("data/imagenet", "root of a named --data (PATH: not used)")
     text: str = opt("", "embeddings file of caption_embed.py; none: the baseline")
     text_std: bool = opt(False, "divide the centred targets by their std too")
-    limit: int = opt(0, "use the first N training, N // 4 validation images (0: all)", COUNT)
     # model
-    model: str = opt("small", "width/depth/heads: micro 128/6/4 (for CPUs), tiny 192/12/3, "
-                     "small 384/12/6, base 768/12/12, large 1024/24/16", tuple(MODEL_SIZES))
+    model: str = opt("small", "ViT size (MODEL_SIZES in textteacher.py)", tuple(MODEL_SIZES))
     img_size: int = opt(224, "input resolution in pixels", "[1, inf)")
     patch_size: int = opt(16, "patch side in pixels", "[1, inf)")
     layer_scale: float = opt(1e-4, "LayerScale init of both residual branches", POSITIVE)
@@ -100,15 +100,11 @@ class Config:
     text_loss_lambda: float = opt(0.5, "lam, the text loss weight; 0 is the baseline", UNIT)
     lambda_schedule: str = opt("constant", "constant|linear|cosine|fullcosine|jump-A-B-R")
     adaptive_weight: bool = opt(True, "w = ||dL_cls/dF|| / ||dL_txt/dF|| (off: w = 1)")
-    text_loss: str = opt("clip", "clip: dot products (the paper) | infonce: cosines / "
-                         "temperature", ("clip", "infonce"))
-    temperature: float = opt(0.1, "temperature of --text-loss infonce", POSITIVE)
     freeze_text_head: bool = opt(False, "keep the text head at its random init")
     label_noise: float = opt(0.0, "replace round(p N) training labels by other classes", UNIT)
     # recipe (DeiT III, as the paper runs it on ImageNet)
     epochs: int = opt(100, "training epochs", "[1, inf)")
-    batch_size: int = opt(2048, "GLOBAL batch per step, split over processes and --accum; "
-                          "the contrastive negatives are the per-device batch", "[1, inf)")
+    batch_size: int = opt(2048, "GLOBAL batch per step (per device: the negatives)", "[1, inf)")
     accum: int = opt(1, "gradient accumulation steps (fewer negatives per loss)", "[1, inf)")
     optimizer: str = opt("lamb", "lamb (the paper) | adamw", ("lamb", "adamw"))
     lr: float = opt(3e-3, "peak learning rate for --batch-size", POSITIVE)
@@ -132,7 +128,6 @@ class Config:
     ckpt_every: int = opt(0, "also checkpoint every K steps (0: at epoch ends)", COUNT)
     log_every: int = opt(50, "read the losses back from the device every N steps", "[1, inf)")
     resume: str = opt("", "continue the run of this checkpoint or run folder exactly")
-    export: str = opt("", "only export this checkpoint's ViT, then exit")
 
 
 # Per-dataset presets, applied over the defaults above (the paper's ImageNet recipe) and under
@@ -150,7 +145,7 @@ PRESETS = {
 # What a resumed run may change: how it computes; the learning rate and clipping, which rescue
 # a diverged run (the change is printed); and where its inputs are, if they are the same.
 RESUME_FREE = {"workers", "threads", "device", "compile", "ckpt_every", "log_every", "resume",
-               "export", "lr", "clip_grad", "text", "data_dir"}
+               "lr", "clip_grad", "text", "data_dir"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -184,17 +179,18 @@ def check_config(cfg):
             if not ((lo < value if allowed[0] == "(" else lo <= value)
                     and (value < hi if allowed[-1] == ")" else value <= hi)):
                 raise UserError(f"--{f.name.replace('_', '-')} must be in {allowed}, got {value}")
-    if cfg.img_size % cfg.patch_size:
-        raise UserError(f"--img-size {cfg.img_size} is no multiple of --patch-size "
-                        f"{cfg.patch_size}")
-    if cfg.device in ("cuda", "mps") and not getattr(torch, cfg.device).is_available():
-        raise UserError(f"--device {cfg.device}: there is none here; use --device auto or cpu")
+    need(cfg.img_size % cfg.patch_size == 0, f"--img-size {cfg.img_size} is no multiple of "
+         f"--patch-size {cfg.patch_size}")
+    need(cfg.device not in ("cuda", "mps") or getattr(torch, cfg.device).is_available(),
+         f"--device {cfg.device}: there is none here; use --device auto or cpu")
     # the per-device batch is also the number of candidates in each contrastive loss
     micro, split = divmod(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)) * cfg.accum)
-    if split or (cfg.text and micro < 2):
-        raise UserError(f"--batch-size {cfg.batch_size} must split into batches of 2 or more "
-                        "images over the processes and --accum steps")
-    lambda_at(cfg, 0)  # checks the schedule's name
+    need(not split and (micro > 1 or not cfg.text), f"--batch-size {cfg.batch_size} must split "
+         "into batches of 2 or more images over the processes and --accum steps")
+    jump = re.fullmatch(JUMP, cfg.lambda_schedule)
+    need(cfg.lambda_schedule in ("constant", "linear", "cosine", "fullcosine") or jump and float(
+        jump[1]) <= float(jump[2]), f"--lambda-schedule {cfg.lambda_schedule!r} is not constant, "
+         "linear, cosine, fullcosine or jump-A-B-R with A <= B (e.g. jump-30-50-0)")
 
 
 # ----------------------------------------------------------------------------
@@ -223,8 +219,7 @@ def image_split(data, data_dir, split):
         raise UserError(f"{root}: {e}; a data folder holds train/ and val/ with one sub-folder "
                         "of images per class") from None
     keys = [os.path.basename(path) for path, _ in ds.samples]
-    if len(set(keys)) < len(keys):
-        raise UserError(f"{root}: two images share a file name, which keys the captions")
+    need(len(set(keys)) == len(keys), f"{root}: two images share a file name, their key")
     return ds, keys, ds.classes
 
 
@@ -323,7 +318,7 @@ class TextTargets:
     otherwise dominate every dot product of the contrastive loss. experiments/ hands train()
     other sources with the same call: controls, and the online vision teacher."""
 
-    def __init__(self, path, keys, class_keys, std=False, dataset=""):
+    def __init__(self, path, keys, class_keys, std=False):
         try:  # mmap: the [N, D] matrix stays in the page cache, one copy shared by all ranks
             emb = torch.load(path, mmap=True, weights_only=True)
             with open(path, "rb") as f:
@@ -331,25 +326,18 @@ class TextTargets:
         except Exception as e:
             raise UserError(f"cannot read embeddings file {path} ({type(e).__name__}); write it "
                             "with caption_embed.py") from None
-        if not isinstance(emb, dict) or emb.get("format") != "textteacher-embeddings-v1":
-            raise UserError(f"{path} is not an embeddings file of caption_embed.py")
-        if emb.get("dataset") in PRESETS and dataset in PRESETS and emb["dataset"] != dataset:
-            raise UserError(f"{path} holds captions of {emb['dataset']}, not of {dataset}")
-        if emb["split"] != "train":
-            raise UserError(f"{path} holds the {emb['split']} split, not the training images")
+        need(isinstance(emb, dict) and emb.get("format") == "textteacher-embeddings-v1",
+             f"{path} is not an embeddings file of caption_embed.py")
         self.level, self.encoder, self.vectors = emb["level"], emb["encoder"], emb["embeddings"]
         self.dim, self.mean = self.vectors.shape[1], emb["mean"].float()
         self.std = emb["std"].float().clamp_min(1e-6) if std else None
         for s in range(0, len(self.vectors), 65536):  # chunked: a small temporary
-            if not torch.isfinite(self.vectors[s:s + 65536]).all():
-                raise UserError(f"{path} contains NaN or inf; write it again with caption_embed.py")
+            need(torch.isfinite(self.vectors[s:s + 65536]).all(), f"{path} contains NaN or inf")
         row_of = {k: r for r, k in enumerate(emb["keys"])}
         wanted = class_keys if self.level == "class" else keys
-        missing = [k for k in wanted if k not in row_of]
-        if missing:  # never drop an image silently (the official code does)
-            hint = " (another dataset's file?)" if len(missing) == len(wanted) else ""
-            raise UserError(f"{len(missing)} of {len(wanted)} {self.level} keys have no target in "
-                            f"{path}{hint}, e.g. {', '.join(missing[:3])}; embed their captions")
+        missing = [k for k in wanted if k not in row_of]  # never dropped silently (as officially)
+        need(not missing, f"{len(missing)} of {len(wanted)} {self.level} keys have no target in "
+             f"{path}, e.g. {', '.join(missing[:3])}: another dataset's file?")
         self.rows = torch.tensor([row_of[k] for k in wanted])  # sample (or class) -> file row
 
     def __call__(self, index, labels, images, lam):
@@ -531,11 +519,6 @@ def clip_loss(z, t):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def infonce_loss(z, t, temperature):
-    """Ablation: the same symmetric loss on cosine similarities divided by a temperature."""
-    return clip_loss(F.normalize(z, dim=-1) / temperature, F.normalize(t, dim=-1))
-
-
 def adaptive_weight(loss_cls, loss_txt, feat):
     """w = ( ||dL_cls/dF|| + 1e-7 ) / ( ||dL_txt/dF|| + 1e-7 ), Frobenius norms over the batch.
 
@@ -557,8 +540,7 @@ def step_losses(model, images, y, targets, lam, cfg, autocast=contextlib.nullcon
     if targets is None:
         zero = torch.zeros((), device=images.device)
         return loss_cls, loss_cls, zero, zero
-    loss_txt = (clip_loss(z.float(), targets) if cfg.text_loss == "clip"
-                else infonce_loss(z.float(), targets, cfg.temperature))
+    loss_txt = clip_loss(z.float(), targets)
     w = (adaptive_weight(loss_cls, loss_txt, feat) if cfg.adaptive_weight and lam > 0
          else torch.ones((), device=images.device))
     # at lam_e = 0 the text term stays in with weight 0, so DDP sees the head's (zero) gradient
@@ -575,13 +557,7 @@ def lambda_at(cfg, epoch):
                      fullcosine=lam / 2 * (1 + math.cos(math.pi * e / E)))
     if name in schedules:
         return schedules[name]
-    try:
-        kind, a, b, r = name.split("-")
-        a, b, r = float(a), float(b), float(r)
-        assert kind == "jump" and a <= b
-    except (ValueError, AssertionError):
-        raise UserError(f"--lambda-schedule {name!r} is not constant, linear, cosine, fullcosine "
-                        "or jump-A-B-R with A <= B (e.g. jump-30-50-0)") from None
+    a, b, r = (float(x) for x in re.fullmatch(JUMP, name).groups())  # check_config checked it
     return lam if e <= a else r * lam if e >= b else lam * (1 - (1 - r) * (e - a) / (b - a))
 
 
@@ -733,12 +709,18 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert ckpt["format"] == "textteacher-checkpoint-v2"
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}: pass a checkpoint or a run folder") from None
+        return ckpt, path
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint of this textteacher.py ("
-                        f"{type(e).__name__})") from None
-    return ckpt, path
+        raise UserError(f"{path} is not a checkpoint of this textteacher.py ({type(e).__name__}); "
+                        "pass a checkpoint file or a run folder") from None
+
+
+def timm_kwargs(a):
+    """The arguments of timm's VisionTransformer that build the same network, names included."""
+    return dict(img_size=a["img_size"], patch_size=a["patch_size"], num_classes=a["num_classes"],
+                embed_dim=a["width"], depth=a["depth"], num_heads=a["heads"], qkv_bias=True,
+                mlp_ratio=a["mlp_ratio"], init_values=a["layer_scale"], no_embed_class=True,
+                global_pool="token")
 
 
 def export(vit, args, classes, out_dir):
@@ -750,11 +732,7 @@ def export(vit, args, classes, out_dir):
         vit.load_state_dict(safetensors.torch.load_file("model.safetensors"))"""
     from safetensors.torch import load_file, save
     vit, path = vit.eval().cpu(), lambda name: os.path.join(out_dir, name)
-    timm_kwargs = dict(img_size=args["img_size"], patch_size=args["patch_size"], qkv_bias=True,
-                       num_classes=args["num_classes"], embed_dim=args["width"],
-                       depth=args["depth"], num_heads=args["heads"], mlp_ratio=args["mlp_ratio"],
-                       no_embed_class=True, init_values=args["layer_scale"], global_pool="token")
-    config = dict(model_args=args, timm_kwargs=timm_kwargs, classes=list(classes),
+    config = dict(model_args=args, timm_kwargs=timm_kwargs(args), classes=list(classes),
                   input=dict(size=args["img_size"], mean=IMAGENET_MEAN, std=IMAGENET_STD))
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.contiguous() for k, v in vit.state_dict().items()}
@@ -765,8 +743,7 @@ def export(vit, args, classes, out_dir):
         fresh = ViT(**args).eval()
         fresh.load_state_dict(load_file(path("model.safetensors")))
         assert torch.equal(fresh(x), vit(x)), "the exported weights give other logits"
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        program = torch.export.export(fresh, (x,), dynamic_shapes={"x": {0: batch}})
+        program = torch.export.export(fresh, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
         save_atomic(lambda f: torch.export.save(program, f), path("model.pt2"))
         again = torch.export.load(path("model.pt2")).module()(x)
         assert torch.allclose(again, vit(x), rtol=1e-5, atol=1e-5), "model.pt2 gives other logits"
@@ -820,24 +797,23 @@ def open_run(cfg, given, rank):
     flags given that RESUME_FREE lets change, which are printed. Else a new folder name, which
     must be free; the folder itself is made with the first checkpoint, so a run that fails
     before one leaves nothing behind that would block its --name."""
-    if not cfg.resume:
+    if not cfg.resume:  # absolute paths in config.json: a run can be resumed from anywhere
+        cfg.data_dir, cfg.text = os.path.abspath(cfg.data_dir), cfg.text and os.path.abspath(cfg.text)
+        cfg.data = cfg.data if cfg.data in PRESETS else os.path.abspath(cfg.data)
         data = os.path.basename(cfg.data.rstrip("/"))
         box = [cfg.name or f"{data}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if dist.is_initialized():  # rank 0's default name: the ranks' clocks may differ
             dist.broadcast_object_list(box)
         cfg.name, run_dir = box[0], os.path.join(cfg.out_dir, box[0])
-        if os.path.exists(run_dir):
-            raise UserError(f"{run_dir} holds a run: continue it with --resume {run_dir}, or "
-                            "choose another --name")
+        need(not os.path.exists(run_dir), f"{run_dir} holds a run: continue it with --resume "
+             f"{run_dir}, or choose another --name")
         return None, writable(cfg.out_dir, run_dir)
     ckpt, path = load_checkpoint(cfg.resume)
     saved = ckpt["config"]
     changed = {k: (saved[k], getattr(cfg, k)) for k in sorted(set(given) - {"resume"})
                if getattr(cfg, k) != saved[k]}
     clash = [f"{k}={saved[k]!r}" for k in changed if k not in RESUME_FREE]
-    if clash:
-        raise UserError(f"--resume {path} is a run with {', '.join(clash)}: drop those flags, or "
-                        "start a new run")
+    need(not clash, f"--resume {path} is a run with {', '.join(clash)}: drop those flags")
     for k in saved.keys() - given:
         setattr(cfg, k, saved[k])
     if changed and rank == 0:
@@ -845,13 +821,12 @@ def open_run(cfg, given, rank):
     return ckpt, writable(os.path.dirname(path), os.path.dirname(path))
 
 
-def train(cfg, given=(), targets=None, on_epoch=None, stop=None):
+def train(cfg, given=(), targets=None, on_epoch=None):
     """Train, evaluate every epoch, checkpoint, export; returns the run folder.
 
     The seams for the tools beside this file: `targets` replaces the text targets by another
     source (called like TextTargets, with a `dim`), `on_epoch(record, model)` may add entries
-    to each epoch's record before it is logged, `stop["signal"]` is set by main's handler."""
-    stop = stop if stop is not None else {"signal": None}
+    to each epoch's record before it is logged."""
     # One distributed path: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; else one process.
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
@@ -863,30 +838,26 @@ def train(cfg, given=(), targets=None, on_epoch=None, stop=None):
     # -- data: the samples with their (possibly noisy) labels, and the text targets ----------
     (train_set, keys, classes), (val_set, _, val_classes) = (
         image_split(cfg.data, cfg.data_dir, split) for split in ("train", "val"))
-    if val_classes != classes:
-        raise UserError(f"the class folders of val/ and train/ of {cfg.data} differ")
-    n_train = min(cfg.limit, len(train_set)) if cfg.limit else len(train_set)
-    n_val = min(max(cfg.limit // 4, 1), len(val_set)) if cfg.limit else len(val_set)
-    labels, flipped = noisy_labels(torch.tensor(train_set.targets[:n_train]), len(classes),
-                                   cfg.label_noise, cfg.seed)
+    need(val_classes == classes, f"the class folders of val/ and train/ of {cfg.data} differ")
+    n_train, n_val = len(train_set), len(val_set)
+    labels, flipped = noisy_labels(torch.tensor(train_set.targets), len(classes), cfg.label_noise, cfg.seed)
     if cfg.text and cfg.text_loss_lambda > 0 and targets is None:
-        targets = TextTargets(cfg.text, keys[:n_train], classes, cfg.text_std, cfg.data)
+        targets = TextTargets(cfg.text, keys, classes, cfg.text_std)
     sha256, target_dim = getattr(targets, "sha256", None), targets.dim if targets else 0
-    if ckpt and (sha256, target_dim, classes) != tuple(ckpt[k] for k in ("text_sha256", "text_dim", "classes")):
-        raise UserError(f"{run_dir} was trained on other classes or text targets (sha256 "
-                        f"{ckpt['text_sha256']}): resume it with those of its config.json")
+    need(not ckpt or [sha256, target_dim, classes] == [ckpt["text_sha256"], ckpt["text_dim"],
+         ckpt["classes"]], f"{run_dir} was trained on other classes or text targets (sha256 "
+         f"{ckpt and ckpt['text_sha256']}): resume it with those of its config.json")
     micro, steps_per_epoch = cfg.batch_size // (world * cfg.accum), n_train // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} is more than the {n_train} images")
+    need(steps_per_epoch > 0, f"--batch-size {cfg.batch_size} is more than the {n_train} images")
     sampler = EpochSampler(n_train, cfg.batch_size, cfg.accum, rank, world, cfg.seed)
     workers = cfg.workers if cfg.workers >= 0 else min(8, (os.cpu_count() or 2) // world)
     # The loaders' own generator: making an iterator must not draw from the global RNG (which
     # draws stochastic depth), or a resumed run would see another RNG stream.
     loader = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                  worker_init_fn=ignore_sigint, generator=torch.Generator().manual_seed(cfg.seed))
+                  generator=torch.Generator().manual_seed(cfg.seed))
     train_loader = DataLoader(Samples(train_set, labels, cfg.img_size, train_transform(cfg)),
                               batch_size=micro, sampler=sampler, **loader)
-    val_loader = DataLoader(Samples(val_set, torch.tensor(val_set.targets[:n_val]), cfg.img_size),
+    val_loader = DataLoader(Samples(val_set, torch.tensor(val_set.targets), cfg.img_size),
                             batch_size=max(micro, 64), sampler=range(rank, n_val, world), **loader)
 
     # -- model, optimiser, and where a checkpoint left them ------------------------------------
@@ -897,15 +868,13 @@ def train(cfg, given=(), targets=None, on_epoch=None, stop=None):
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, step, history, sums = (ckpt[k] for k in ("epoch", "step", "history", "sums"))
-        sums = sums.to(device)
+        epoch, step, history, sums = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["sums"].to(device)
     ddp_model = nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     train_model = torch.compile(ddp_model) if use_compile else ddp_model
     if rank == 0:
-        print(f"run {run_dir}: {n_train} images, {len(classes)} classes, " + (f"{target_dim}-d "
-              "targets" if target_dim else "the baseline") + f", {world} process(es) x "
-              f"{cfg.accum} accum x {micro} = batch {cfg.batch_size}, {device}", flush=True)
+        print(f"run {run_dir}: {n_train} images, {target_dim}-d targets (0: the baseline), {world}"
+              f" process(es) x {cfg.accum} accum x {micro} = batch {cfg.batch_size}, {device}")
 
     def average_sums():  # the logged losses of all ranks' images, not of rank 0's alone
         if ddp:
@@ -925,11 +894,9 @@ def train(cfg, given=(), targets=None, on_epoch=None, stop=None):
                          history=history, config=dataclasses.asdict(cfg), text_dim=target_dim,
                          model_args=model_args(cfg, len(classes)), classes=classes,
                          text_sha256=sha256)
-            encoder = getattr(targets, "encoder", None)
-            save_run(run_dir, state, {
-                "config.json": json.dumps(dict(state["config"], text_sha256=sha256, encoder=encoder)),
-                "label_noise.json": json.dumps(dict(flipped=flipped.tolist())),
-                "log.txt": "".join(epoch_line(r, cfg) + "\n" for r in history)})
+            config = dict(state["config"], text_sha256=sha256, encoder=getattr(targets, "encoder", None))
+            save_run(run_dir, state, {"config.json": json.dumps(config), "label_noise.json": json.dumps(
+                flipped.tolist()), "log.txt": "".join(epoch_line(r, cfg) + "\n" for r in history)})
 
     # -- the loop ---------------------------------------------------------------------------
     from tqdm import tqdm  # a dependency of transformers
@@ -974,21 +941,16 @@ def train(cfg, given=(), targets=None, on_epoch=None, stop=None):
                     bar.update(step - bar.n)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < steps_per_epoch:
                 checkpoint(epoch, step)
-            if stop_requested(stop, ddp, step % cfg.log_every == 0, device):
-                checkpoint(epoch, step)
-                raise Interrupted(f"stopped by signal {stop['signal']} at epoch {epoch + 1} step "
-                                  f"{step}; checkpoint saved, continue with --resume {run_dir}")
         bar.close()
 
         # -- end of epoch: evaluate, log, checkpoint --------------------------------------------
         elapsed = time.time() - t0
         top1, top5 = evaluate(model.vit, val_loader, device, autocast, ddp)
         average_sums()
-        loss_cls, loss_txt, w = (sums / steps_per_epoch).tolist()
-        record = dict(epoch=epoch + 1, loss_cls=loss_cls, loss_txt=loss_txt if target_dim else None,
-                      w=w if target_dim else None, lr=lr_at(cfg, epoch), top1=top1, top5=top5,
-                      best_top1=max([top1] + [r["top1"] for r in history]), epoch_time=elapsed,
-                      images_per_s=n_train / elapsed, **{"lambda": lam if target_dim else 0.0})
+        loss_cls, loss_txt, w = (sums / steps_per_epoch).tolist() if target_dim else (sums[0] / steps_per_epoch, None, None)
+        record = dict(epoch=epoch + 1, loss_cls=float(loss_cls), loss_txt=loss_txt, w=w, lr=lr_at(cfg, epoch),
+                      top1=top1, top5=top5, best_top1=max([top1] + [r["top1"] for r in history]),
+                      epoch_time=elapsed, images_per_s=n_train / elapsed, **{"lambda": lam * bool(target_dim)})
         if on_epoch is not None:
             on_epoch(record, model)
         history.append(record)
@@ -1008,33 +970,9 @@ def train(cfg, given=(), targets=None, on_epoch=None, stop=None):
 
 
 def epoch_line(r, cfg):
-    """One labelled line per epoch, on stdout and in RUN/log.txt; entries of on_epoch at its end."""
-    text = "" if r["w"] is None else (
-        f" loss_txt {r['loss_txt']:.4f} w {r['w']:.3f} lambda {r['lambda']:.3f}")
-    extra = "".join(f" {k} {v:.3f}" for k, v in r.items() if k not in RECORD_KEYS)
-    return (f"epoch {r['epoch']}/{cfg.epochs}: loss_cls {r['loss_cls']:.4f}{text} lr {r['lr']:.2e} "
-            f"{r['images_per_s']:.0f} img/s | val top1 {r['top1']:.2f} top5 {r['top5']:.2f}"
-            + (f" |{extra}" if extra else ""))
-
-
-RECORD_KEYS = {"epoch", "loss_cls", "loss_txt", "w", "lambda", "lr", "images_per_s", "top1",
-               "top5", "best_top1", "epoch_time"}
-
-
-def ignore_sigint(worker_id):
-    """Data workers leave Ctrl-C to the main process, which finishes its step and saves."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def stop_requested(stop, ddp, boundary, device):
-    """One process stops at once; many must stop at the same step, so they agree on the flag
-    (one all-reduce) at log boundaries only."""
-    if not ddp or not boundary:
-        return not ddp and stop["signal"] is not None
-    flag = torch.tensor(float(stop["signal"] or 0), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    stop["signal"] = int(flag.item()) or None
-    return stop["signal"] is not None
+    """One labelled line per epoch, on stdout and in RUN/log.txt: every entry of the record."""
+    return f"epoch {r['epoch']}/{cfg.epochs}: " + ", ".join(
+        f"{k} {v:.4g}" for k, v in r.items() if v is not None and k != "epoch")
 
 
 def check_finite(bad, run_dir, ddp, model=None):
@@ -1048,49 +986,24 @@ def check_finite(bad, run_dir, ddp, model=None):
         bad = bad.float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bool(bad):
-        saved = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
         raise Diverged("the loss or the gradient became NaN or infinite; " + (
-            f"the last checkpoint is from before it: python textteacher.py --resume {run_dir} "
-            "--lr LOWER (or --clip-grad LOWER)" if saved else
-            "no checkpoint was saved before it: start again with a lower --lr"))
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def export_checkpoint(path):
-    """--export CHECKPOINT: rebuild the model from the checkpoint, export its ViT beside it."""
-    ckpt, path = load_checkpoint(path)
-    model = TextTeacher(ViT(**ckpt["model_args"]), ckpt["text_dim"])
-    model.load_state_dict(ckpt["model"])
-    out = os.path.join(os.path.dirname(path), "export")
-    export(model.vit, ckpt["model_args"], ckpt["classes"], out)
-    print(f"exported the ViT of {path} to {out}")
+            f"the last checkpoint is from before it: python textteacher.py --resume {run_dir} --lr "
+            "LOWER (or --clip-grad LOWER)" if os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+            else "no checkpoint was saved before it: start again with a lower --lr"))
 
 
 def main(argv=None):
     try:
         cfg, given = parse_config(argv)
         check_config(cfg)
-        if cfg.export:
-            return export_checkpoint(cfg.export)
-        # Ctrl-C and SIGTERM (a scheduler's preemption) end the step, save and stop
-        stop = {"signal": None}
-        handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            train(cfg, given, stop=stop)
-        finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
+        train(cfg, given)
     except UserError as e:
         # An error raised in a DataLoader worker arrives with the worker's traceback in its
         # text: the user needs only its last line, without the class name
-        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"error: {message}" if e.code != 130 else message, file=sys.stderr)
+        print("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1], file=sys.stderr)
         sys.exit(e.code)
+    except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
+        sys.exit(f"interrupted; continue from the last checkpoint: --resume {cfg.out_dir}/{cfg.name}")
 
 
 if __name__ == "__main__":

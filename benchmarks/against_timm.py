@@ -4,7 +4,7 @@
     python benchmarks/against_timm.py                       # ViT-Ti/4, 32 px, batch 128, AdamW, eager
     python benchmarks/against_timm.py --compile             # also both models under torch.compile
 
-Both models have the same configuration (textteacher.timm_config) and the same weights: ours are
+Both models have the same configuration (textteacher.timm_kwargs) and the same weights: ours are
 loaded into timm's by name, strictly, and the two must give the same logits before anything is
 timed. Each step is the classification step of the training loop: label-smoothed cross-entropy,
 gradient clipping at 1, AdamW from textteacher.build_optimizer (fused, decay on weight matrices).
@@ -52,7 +52,7 @@ def main(argv=None):
     def pair():
         """Our ViT and timm's, with the same weights."""
         ours = tt.ViT(**model_args)
-        theirs = VisionTransformer(**tt.timm_config(model_args))
+        theirs = VisionTransformer(**tt.timm_kwargs(model_args))
         theirs.load_state_dict(ours.state_dict(), strict=True)
         return ours, theirs
 

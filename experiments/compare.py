@@ -119,13 +119,13 @@ def alignment(cfg, text_path, limit=500):
     return on_epoch
 
 
-def run_arm(cfg, folder, targets=None, on_epoch=None, stop=None):
+def run_arm(cfg, folder, targets=None, on_epoch=None):
     """One arm in its run folder: reused when finished, continued when interrupted."""
     if os.path.exists(os.path.join(folder, "export", "config.json")):
         return read_metrics(folder)
     cfg = dataclasses.replace(cfg, out_dir=os.path.dirname(folder), name=os.path.basename(folder),
                               resume=folder if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "")
-    tt.train(cfg, targets=targets, on_epoch=on_epoch, stop=stop)
+    tt.train(cfg, targets=targets, on_epoch=on_epoch)
     return read_metrics(folder)
 
 
@@ -152,7 +152,7 @@ def arms_of(cfg, control="", teacher=""):
     return arms
 
 
-def compare(cfg, root, seeds, arms, stop=None):
+def compare(cfg, root, seeds, arms):
     """Every arm for every seed (in order seed by seed, so a stopped study has whole pairs),
     then the summary, printed and written to root/compare.json."""
     runs = {}
@@ -162,7 +162,7 @@ def compare(cfg, root, seeds, arms, stop=None):
             device = tt.compute_setup(arm_cfg)[0]
             targets = make(seed, device) if make else None
             on_epoch = alignment(arm_cfg, arm_cfg.text) if arm_cfg.text and arm_cfg.text_loss_lambda > 0 else None
-            runs[(seed, arm)] = run_arm(arm_cfg, os.path.join(root, f"seed{seed}-{arm}"), targets, on_epoch, stop)
+            runs[(seed, arm)] = run_arm(arm_cfg, os.path.join(root, f"seed{seed}-{arm}"), targets, on_epoch)
     summary = summarize(runs, list(arms), seeds)
     with open(os.path.join(root, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -25,10 +25,14 @@ noise 0 and 0.5 where the budget allows:
              label in text) | shuffled: the full captions given to other images
   schedule   constant | jump-4-4-0: text on for epochs 1-5, then off (the paper's reading of
              TextTeacher as an early preconditioner)                          (noise 0.5 only)
-  length     15 | 30 epochs (the issue's 40 did not fit the hour)              (noise 0.5 only)
   tokens     patch 8 (16 tokens) | patch 4 (64 tokens, 4x the cost)           (noise 0.5 only)
 Cost per run, measured before the study on this machine: patch 8 about 6.5 s per epoch, patch 4
 about 26 s; the grid is 60 runs, about 6700 run-seconds, an hour on two cores.
+
+Amended once, for cost alone, 10 minutes into the run and before any cell had finished: with
+other work on the machine the runs took twice the planned time, so the grid lost the 30-epoch
+cell (length is not studied here) and the one-template, word and shuffled cells at noise 0; the
+patch 4 pairs of seeds 1 and 2 run last. 30 runs remain.
 
 The rule that picks the demo (README quick start and Measured), fixed in advance: the demo is
 the cell closest to the paper's headline claim that a laptop runs in a few minutes: label noise
@@ -57,11 +61,10 @@ SEEDS = (0, 1, 2)
 BASE = dict(patch_size=8, epochs=15, lambda_schedule="constant", captions="full")
 CELLS = {  # name: (changes to BASE, label noises)
     "full": ({}, (0.0, 0.5)),
-    "one-template": (dict(captions="one-template"), (0.0, 0.5)),
-    "word": (dict(captions="word"), (0.0, 0.5)),
-    "shuffled": (dict(captions="shuffled"), (0.0, 0.5)),
+    "one-template": (dict(captions="one-template"), (0.5,)),
+    "word": (dict(captions="word"), (0.5,)),
+    "shuffled": (dict(captions="shuffled"), (0.5,)),
     "jump-4-4-0": (dict(lambda_schedule="jump-4-4-0"), (0.5,)),
-    "30 epochs": (dict(epochs=30), (0.5,)),
     "patch 4": (dict(patch_size=4), (0.5,)),
 }
 
@@ -79,8 +82,9 @@ def runs(root):
                 out[base] = (dict(flags, text_loss_lambda=0.0), None)
                 out[f"{name}-n{noise}/seed{seed}"] = (dict(flags, lambda_schedule=cell["lambda_schedule"]),
                                                      cell["captions"])
-    cost = lambda item: item[1][0]["epochs"] * (4 if item[1][0]["patch_size"] == 4 else 1)  # noqa: E731
-    return sorted(out.items(), key=cost, reverse=True)
+    # the patch 4 pair of seed 0 first, then every patch 8 run, then the other patch 4 pairs
+    order = lambda item: (item[1][0]["patch_size"] == 4) * (1 + 2 * (item[1][0]["seed"] > 0))  # noqa: E731
+    return sorted(out.items(), key=lambda item: (-order(item) if order(item) == 1 else order(item)))
 
 
 def prepare(root, data):
