@@ -37,6 +37,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +76,7 @@ MODEL_SIZES = {"micro": (128, 6, 4), "tiny": (192, 12, 3), "small": (384, 12, 6)
 
 def opt(default, help, allowed=None):
     """A field with its help, and what it allows: a tuple of choices, or an interval such as
-    "[1, inf)", whose "(" or ")" excludes the bound."""
+    "[1, inf)" whose "(" excludes the lower bound (every upper bound is excluded)."""
     return field(default=default, metadata=dict(help=help, allowed=allowed))
 
 
@@ -163,8 +164,9 @@ def parse_config(argv=None):
     for f in dataclasses.fields(Config):
         allowed, default = f.metadata["allowed"], preset.get(f.name, f.default)
         args = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
+        choices = allowed if isinstance(allowed, tuple) else None
         args.update(action=argparse.BooleanOptionalAction) if f.type is bool else args.update(
-            type=f.type, metavar=f.name.upper(), choices=allowed if type(allowed) is tuple else None)
+            type=f.type, metavar=f.name.upper(), choices=choices)
         parser.add_argument("--" + f.name.replace("_", "-"), **args)
     given = vars(parser.parse_args(argv))
     return Config(**{**preset, **given}), set(given)
@@ -174,11 +176,10 @@ def check_config(cfg):
     """Impossible settings end here, in one line and before anything is loaded."""
     for f in dataclasses.fields(cfg):
         value, allowed = getattr(cfg, f.name), f.metadata["allowed"]
-        if type(allowed) is str:
+        if isinstance(allowed, str):
             lo, hi = (float(x) for x in allowed[1:-1].split(","))
-            if not ((lo < value if allowed[0] == "(" else lo <= value)
-                    and (value < hi if allowed[-1] == ")" else value <= hi)):
-                raise UserError(f"--{f.name.replace('_', '-')} must be in {allowed}, got {value}")
+            need((lo < value if allowed[0] == "(" else lo <= value) and value < hi,
+                 f"--{f.name.replace('_', '-')} must be in {allowed}, got {value}")
     need(cfg.img_size % cfg.patch_size == 0, f"--img-size {cfg.img_size} is no multiple of "
          f"--patch-size {cfg.patch_size}")
     need(cfg.device not in ("cuda", "mps") or getattr(torch, cfg.device).is_available(),
@@ -196,7 +197,7 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------
 # Data: CIFAR-100 and image folders through torchvision, and an exactly resumable sampler
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # mean, std
 
 
 def image_split(data, data_dir, split):
@@ -254,14 +255,13 @@ def train_transform(cfg):
     crop = T.RandomCrop(cfg.img_size, padding=4, padding_mode="reflect")
     if cfg.augment != "3aug":
         return crop if cfg.augment == "crop" else T.CenterCrop(cfg.img_size)
-    one_of = T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, 1.0), T.GaussianBlur(7, (0.2, 2))])
-    return T.Compose([crop, T.RandomHorizontalFlip(), one_of, T.ColorJitter(0.3, 0.3, 0.3)])
+    one = T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, 1.0), T.GaussianBlur(7, (0.2, 2))])
+    return T.Compose([crop, T.RandomHorizontalFlip(), one, T.ColorJitter(0.3, 0.3, 0.3)])
 
 
 def normalize(images):
     """uint8 [B, 3, H, W] -> float with ImageNet's mean and std, on the device after the copy."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) * 255 for v in IMAGENET)
     return (images.float() - mean) / std
 
 
@@ -291,9 +291,6 @@ class EpochSampler(Sampler):
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start = epoch, start_step
-
-    def __len__(self):
-        return (self.steps - self.start) * self.accum * self.micro
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -351,14 +348,11 @@ class TextTargets:
 # ----------------------------------------------------------------------------
 # Model: a DeiT III ViT with timm's parameter names, and the text head
 
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, width):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        x = self.proj(x)  # shape = [B, width, grid, grid]
-        return x.flatten(2).transpose(1, 2)  # shape = [B, grid ** 2, width]
+def PatchEmbed(patch_size, width):
+    """Images [B, 3, H, W] -> patch features [B, width, grid ** 2]: a convolution whose stride is
+    its kernel cuts the image into patches and projects each (named as in timm: .proj)."""
+    proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+    return nn.Sequential(OrderedDict(proj=proj, flatten=nn.Flatten(2)))
 
 
 class Attention(nn.Module):
@@ -376,13 +370,9 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # shape = [B, N, C]
 
 
-class MLP(nn.Module):
-    def __init__(self, width, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+def MLP(width, hidden):
+    fc1, fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+    return nn.Sequential(OrderedDict(fc1=fc1, act=nn.GELU(), fc2=fc2))  # timm's names
 
 
 class LayerScale(nn.Module):
@@ -397,17 +387,10 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch for whole samples, rescale the kept ones."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        return x * x.new_empty(len(x), 1, 1).bernoulli_(1 - self.p) / (1 - self.p)
+def DropPath(p):
+    """Stochastic depth: drop a residual branch for whole samples and rescale the kept ones by
+    1 / (1 - p): torchvision's StochasticDepth in its "row" mode is exactly that."""
+    return torchvision.ops.StochasticDepth(p, "row")
 
 
 class Block(nn.Module):
@@ -429,7 +412,7 @@ class ViT(nn.Module):
     """The classifier, and the whole deployed model: no text part lives in it."""
 
     def __init__(self, num_classes, img_size=224, patch_size=16, width=384, depth=12, heads=6,
-                 mlp_ratio=4.0, layer_scale=1e-4, drop_path=0.0):
+                 layer_scale=1e-4, drop_path=0.0):
         super().__init__()
         self.width = width
         self.patch_embed = PatchEmbed(patch_size, width)
@@ -444,8 +427,8 @@ class ViT(nn.Module):
 
     def forward_features(self, x):
         """Images [B, 3, H, W] -> F, the post-norm CLS feature [B, width] both heads read."""
-        x = self.patch_embed(x) + self.pos_embed  # shape = [B, grid ** 2, width]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)  # [B, grid ** 2 + 1, width]
+        x = self.patch_embed(x).transpose(1, 2) + self.pos_embed  # shape = [B, grid ** 2, width]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)  # [B, grid**2 + 1, width]
         return self.norm(self.blocks(x))[:, 0]  # shape = [B, width]
 
     def forward(self, x):
@@ -472,12 +455,10 @@ class TextTeacher(nn.Module):
     same post-norm CLS feature F as the classifier. It exists only for the auxiliary loss and
     is thrown away at export. text_dim = 0 builds none: the baseline."""
 
-    def __init__(self, vit, text_dim=0, freeze_head=False):
+    def __init__(self, vit, text_dim=0, freeze=False):
         super().__init__()
         self.vit = vit
-        self.text_head = nn.Linear(vit.width, text_dim) if text_dim else None
-        if freeze_head and text_dim:
-            self.text_head.requires_grad_(False)
+        self.text_head = nn.Linear(vit.width, text_dim).requires_grad_(not freeze) if text_dim else None
 
     def forward(self, x):
         return self.heads(self.vit.forward_features(x))
@@ -494,7 +475,7 @@ class TextTeacher(nn.Module):
 def model_args(cfg, num_classes):
     width, depth, heads = MODEL_SIZES[cfg.model]
     return dict(num_classes=num_classes, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                width=width, depth=depth, heads=heads, mlp_ratio=4.0, layer_scale=cfg.layer_scale)
+                width=width, depth=depth, heads=heads, layer_scale=cfg.layer_scale)
 
 
 def build_model(cfg, num_classes, text_dim):
@@ -552,9 +533,9 @@ def lambda_at(cfg, epoch):
     linear lam (E - e) / E | cosine lam cos(pi e / 2E) | fullcosine lam / 2 (1 + cos(pi e / E))
     | jump-A-B-R: lam while e <= A (the official code's test, so A = B keeps lam at epoch A),
     then linearly down to R lam at e = B, and R lam after."""
-    lam, E, e, name = cfg.text_loss_lambda, cfg.epochs, epoch, cfg.lambda_schedule
-    schedules = dict(constant=lam, linear=lam * (E - e) / E, cosine=lam * math.cos(math.pi * e / E / 2),
-                     fullcosine=lam / 2 * (1 + math.cos(math.pi * e / E)))
+    lam, E, e, name, pi = cfg.text_loss_lambda, cfg.epochs, epoch, cfg.lambda_schedule, math.pi
+    schedules = dict(constant=lam, linear=lam * (E - e) / E, cosine=lam * math.cos(e / E * pi / 2),
+                     fullcosine=lam / 2 * (1 + math.cos(pi * e / E)))
     if name in schedules:
         return schedules[name]
     a, b, r = (float(x) for x in re.fullmatch(JUMP, name).groups())  # check_config checked it
@@ -719,7 +700,7 @@ def timm_kwargs(a):
     """The arguments of timm's VisionTransformer that build the same network, names included."""
     return dict(img_size=a["img_size"], patch_size=a["patch_size"], num_classes=a["num_classes"],
                 embed_dim=a["width"], depth=a["depth"], num_heads=a["heads"], qkv_bias=True,
-                mlp_ratio=a["mlp_ratio"], init_values=a["layer_scale"], no_embed_class=True,
+                mlp_ratio=4.0, init_values=a["layer_scale"], no_embed_class=True,
                 global_pool="token")
 
 
@@ -733,7 +714,7 @@ def export(vit, args, classes, out_dir):
     from safetensors.torch import load_file, save
     vit, path = vit.eval().cpu(), lambda name: os.path.join(out_dir, name)
     config = dict(model_args=args, timm_kwargs=timm_kwargs(args), classes=list(classes),
-                  input=dict(size=args["img_size"], mean=IMAGENET_MEAN, std=IMAGENET_STD))
+                  input=dict(size=args["img_size"], mean=IMAGENET[0], std=IMAGENET[1]))
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.contiguous() for k, v in vit.state_dict().items()}
     save_atomic(lambda f: f.write(save(state)), path("model.safetensors"))
@@ -798,8 +779,8 @@ def open_run(cfg, given, rank):
     must be free; the folder itself is made with the first checkpoint, so a run that fails
     before one leaves nothing behind that would block its --name."""
     if not cfg.resume:  # absolute paths in config.json: a run can be resumed from anywhere
-        cfg.data_dir, cfg.text = os.path.abspath(cfg.data_dir), cfg.text and os.path.abspath(cfg.text)
         cfg.data = cfg.data if cfg.data in PRESETS else os.path.abspath(cfg.data)
+        cfg.data_dir, cfg.text = (p and os.path.abspath(p) for p in (cfg.data_dir, cfg.text))
         data = os.path.basename(cfg.data.rstrip("/"))
         box = [cfg.name or f"{data}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if dist.is_initialized():  # rank 0's default name: the ranks' clocks may differ
@@ -839,8 +820,8 @@ def train(cfg, given=(), targets=None, on_epoch=None):
     (train_set, keys, classes), (val_set, _, val_classes) = (
         image_split(cfg.data, cfg.data_dir, split) for split in ("train", "val"))
     need(val_classes == classes, f"the class folders of val/ and train/ of {cfg.data} differ")
-    n_train, n_val = len(train_set), len(val_set)
-    labels, flipped = noisy_labels(torch.tensor(train_set.targets), len(classes), cfg.label_noise, cfg.seed)
+    n_train, n_val, targets_of = len(train_set), len(val_set), lambda ds: torch.tensor(ds.targets)
+    labels, flipped = noisy_labels(targets_of(train_set), len(classes), cfg.label_noise, cfg.seed)
     if cfg.text and cfg.text_loss_lambda > 0 and targets is None:
         targets = TextTargets(cfg.text, keys, classes, cfg.text_std)
     sha256, target_dim = getattr(targets, "sha256", None), targets.dim if targets else 0
@@ -853,22 +834,23 @@ def train(cfg, given=(), targets=None, on_epoch=None):
     workers = cfg.workers if cfg.workers >= 0 else min(8, (os.cpu_count() or 2) // world)
     # The loaders' own generator: making an iterator must not draw from the global RNG (which
     # draws stochastic depth), or a resumed run would see another RNG stream.
-    loader = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                  generator=torch.Generator().manual_seed(cfg.seed))
+    loader = dict(num_workers=workers, pin_memory=device.type == "cuda",
+                  persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
     train_loader = DataLoader(Samples(train_set, labels, cfg.img_size, train_transform(cfg)),
                               batch_size=micro, sampler=sampler, **loader)
-    val_loader = DataLoader(Samples(val_set, torch.tensor(val_set.targets), cfg.img_size),
+    val_loader = DataLoader(Samples(val_set, targets_of(val_set), cfg.img_size),
                             batch_size=max(micro, 64), sampler=range(rank, n_val, world), **loader)
 
     # -- model, optimiser, and where a checkpoint left them ------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and in both arms
     model = build_model(cfg, len(classes), target_dim).to(device)
     optimizer = build_optimizer(cfg, model, device)
-    epoch, step, history, sums = 0, 0, [], torch.zeros(3, device=device)  # L_cls, L_txt, w
+    epoch, step, history, sums = 0, 0, [], torch.zeros(3)  # sums of L_cls, L_txt, w
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, step, history, sums = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["sums"].to(device)
+        epoch, step, history, sums = (ckpt[k] for k in ("epoch", "step", "history", "sums"))
+    sums = sums.to(device)
     ddp_model = nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     train_model = torch.compile(ddp_model) if use_compile else ddp_model
@@ -886,7 +868,7 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         function of the seed and the position), written by rank 0 once the finiteness check
         passed: a checkpoint never holds weights that a NaN step touched. Every rank calls it:
         the loss sums are averaged over ranks."""
-        check_finite(bad, run_dir, ddp, model)
+        check_finite(bad, run_dir, model)
         average_sums()
         if rank == 0:
             state = dict(format="textteacher-checkpoint-v2", model=model.state_dict(), step=step,
@@ -894,7 +876,8 @@ def train(cfg, given=(), targets=None, on_epoch=None):
                          history=history, config=dataclasses.asdict(cfg), text_dim=target_dim,
                          model_args=model_args(cfg, len(classes)), classes=classes,
                          text_sha256=sha256)
-            config = dict(state["config"], text_sha256=sha256, encoder=getattr(targets, "encoder", None))
+            encoder = getattr(targets, "encoder", None)
+            config = dict(state["config"], text_sha256=sha256, encoder=encoder)
             save_run(run_dir, state, {"config.json": json.dumps(config), "label_noise.json": json.dumps(
                 flipped.tolist()), "log.txt": "".join(epoch_line(r, cfg) + "\n" for r in history)})
 
@@ -935,7 +918,7 @@ def train(cfg, given=(), targets=None, on_epoch=None):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % cfg.log_every == 0 or step == steps_per_epoch:  # reading waits for the GPU
-                check_finite(bad, run_dir, ddp)
+                check_finite(bad, run_dir)
                 if not bar.disable:
                     bar.set_postfix(loss_cls=loss_cls.item(), loss_txt=loss_txt.item())
                     bar.update(step - bar.n)
@@ -947,10 +930,11 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         elapsed = time.time() - t0
         top1, top5 = evaluate(model.vit, val_loader, device, autocast, ddp)
         average_sums()
-        loss_cls, loss_txt, w = (sums / steps_per_epoch).tolist() if target_dim else (sums[0] / steps_per_epoch, None, None)
-        record = dict(epoch=epoch + 1, loss_cls=float(loss_cls), loss_txt=loss_txt, w=w, lr=lr_at(cfg, epoch),
-                      top1=top1, top5=top5, best_top1=max([top1] + [r["top1"] for r in history]),
-                      epoch_time=elapsed, images_per_s=n_train / elapsed, **{"lambda": lam * bool(target_dim)})
+        loss_cls, loss_txt, w = (sums / steps_per_epoch).tolist()
+        record = dict(epoch=epoch + 1, loss_cls=loss_cls, loss_txt=loss_txt if target_dim else None,
+                      w=w if target_dim else None, lr=lr_at(cfg, epoch), top1=top1, top5=top5,
+                      best_top1=max([top1] + [r["top1"] for r in history]), epoch_time=elapsed,
+                      images_per_s=n_train / elapsed, **{"lambda": lam if target_dim else 0.0})
         if on_epoch is not None:
             on_epoch(record, model)
         history.append(record)
@@ -960,8 +944,7 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         checkpoint(epoch, step)
 
     if rank == 0:  # the deployed model: the plain ViT, no text head
-        out = os.path.join(run_dir, "export")
-        export(model.vit, model_args(cfg, len(classes)), classes, out)
+        out = export(model.vit, model_args(cfg, len(classes)), classes, f"{run_dir}/export")
         print(f"final top1 {history[-1]['top1']:.2f}, best {history[-1]['best_top1']:.2f}; the ViT "
               f"without its text head is in {out}", flush=True)
     if ddp:
@@ -975,21 +958,20 @@ def epoch_line(r, cfg):
         f"{k} {v:.4g}" for k, v in r.items() if v is not None and k != "epoch")
 
 
-def check_finite(bad, run_dir, ddp, model=None):
+def check_finite(bad, run_dir, model=None):
     """Stop at the first boundary after a step whose loss or gradient norm was not finite: its
     update was applied, so the weights are spoilt. Every checkpoint is written after this check
-    passed (with model: the weights too), so the last one is from before the bad step."""
+    passed (with model: on the weights too), so the last one is from before the bad step. Under
+    DDP every rank sees the same flag: the gradients, and so their norm, are all-reduced."""
     if model is not None:
-        norms = torch._foreach_norm(list(model.parameters()))
+        norms = torch._foreach_norm([p.detach() for p in model.parameters()])
         bad = bad | ~torch.isfinite(torch.stack(norms).sum())
-    if ddp:  # a NaN on one rank reaches the others only through the next all-reduce
-        bad = bad.float()
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bool(bad):
+    if bad:
+        saved = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
         raise Diverged("the loss or the gradient became NaN or infinite; " + (
-            f"the last checkpoint is from before it: python textteacher.py --resume {run_dir} --lr "
-            "LOWER (or --clip-grad LOWER)" if os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
-            else "no checkpoint was saved before it: start again with a lower --lr"))
+            f"the last checkpoint is from before it: --resume {run_dir} --lr LOWER (or "
+            "--clip-grad LOWER)" if saved else "no checkpoint was saved before it: start again "
+            "with a lower --lr"))
 
 
 def main(argv=None):
@@ -1003,7 +985,8 @@ def main(argv=None):
         print("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1], file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
-        sys.exit(f"interrupted; continue from the last checkpoint: --resume {cfg.out_dir}/{cfg.name}")
+        sys.exit(f"interrupted; continue from the last checkpoint: --resume {cfg.out_dir}/"
+                 f"{cfg.name}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def main(argv=None):
 
     width, depth, heads = tt.MODEL_SIZES[args.model]
     model_args = dict(num_classes=args.classes, img_size=args.img_size, patch_size=args.patch_size,
-                      width=width, depth=depth, heads=heads, mlp_ratio=4.0)
+                      width=width, depth=depth, heads=heads, layer_scale=1e-4)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = F.one_hot(torch.randint(args.classes, (args.batch_size,)), args.classes).float()
