@@ -962,11 +962,11 @@ def main(argv=None):
         cfg, given = parse_config(argv)
         check_config(cfg)
         train(cfg, given)
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a file or a disk the user can fix, in one line
         # An error raised in a DataLoader worker arrives with the worker's traceback in its
         # text: the user needs only its last line, without the class name
         print("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1], file=sys.stderr)
-        sys.exit(e.code)
+        sys.exit(getattr(e, "code", 2))
     except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
         sys.exit(f"interrupted; continue from the last checkpoint: --resume {cfg.out_dir}/"
                  f"{cfg.name}")

@@ -11,6 +11,7 @@ gradient clipping at 1, AdamW from textteacher.build_optimizer (fused, decay on 
 The models take turns step by step, in a rotating order, so that a slow phase of the machine hits
 all of them; the speed ratio to timm eager is the median of per-round ratios.
 """
+
 import argparse
 import os
 import statistics
@@ -33,7 +34,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=15, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (they also compile)")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps per model first (they also compile)"
+    )
     p.add_argument("--compile", action="store_true", help="also time both models torch.compile'd")
     args = p.parse_args(argv)
     try:
@@ -42,8 +45,15 @@ def main(argv=None):
         sys.exit("error: this comparison needs timm: pip install timm")
 
     width, depth, heads = tt.MODEL_SIZES[args.model]
-    model_args = dict(num_classes=args.classes, img_size=args.img_size, patch_size=args.patch_size,
-                      width=width, depth=depth, heads=heads, layer_scale=1e-4)
+    model_args = dict(
+        num_classes=args.classes,
+        img_size=args.img_size,
+        patch_size=args.patch_size,
+        width=width,
+        depth=depth,
+        heads=heads,
+        layer_scale=1e-4,
+    )
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = F.one_hot(torch.randint(args.classes, (args.batch_size,)), args.classes).float()
@@ -60,11 +70,18 @@ def main(argv=None):
     with torch.no_grad():
         gap = (ours.eval()(x[:8]) - theirs.eval()(x[:8])).abs().max().item()
     if gap > 1e-4:
-        sys.exit(f"error: the two models disagree by {gap:.2e} with the same weights; not comparing their speed")
+        sys.exit(
+            f"error: the two models disagree by {gap:.2e} with the same weights; not comparing their speed"
+        )
     models = {"timm": theirs, "textteacher": ours}
     if args.compile:
         ours_c, theirs_c = pair()
-        models.update({"timm compiled": torch.compile(theirs_c), "textteacher compiled": torch.compile(ours_c)})
+        models.update(
+            {
+                "timm compiled": torch.compile(theirs_c),
+                "textteacher compiled": torch.compile(ours_c),
+            }
+        )
 
     def make_step(model):
         optimizer = tt.build_optimizer(cfg, model, torch.device("cpu"))
@@ -75,6 +92,7 @@ def main(argv=None):
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         return step
 
     steps = {}
@@ -85,21 +103,34 @@ def main(argv=None):
     names = list(models)
     times = {name: [] for name in names}
     for r in range(args.steps):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # each model goes first as often
+        for name in (
+            names[r % len(names) :] + names[: r % len(names)]
+        ):  # each model goes first as often
             t = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t)
 
-    print(f"ViT-{args.model}/{args.patch_size} at {args.img_size}px, batch {args.batch_size}, AdamW, cpu, "
-          f"{torch.get_num_threads()} threads, fp32; {args.steps} steps per model after {args.warmup} warm-up steps; "
-          f"same weights: logits agree to {gap:.1e}")
+    print(
+        f"ViT-{args.model}/{args.patch_size} at {args.img_size}px, batch {args.batch_size}, AdamW, cpu, "
+        f"{torch.get_num_threads()} threads, fp32; {args.steps} steps per model after {args.warmup} warm-up steps; "
+        f"same weights: logits agree to {gap:.1e}"
+    )
     result = {"logit_gap": gap}
     for name in names:
         ratios = [b / t for b, t in zip(times["timm"], times[name])]
-        low, high = statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1 else (ratios[0],) * 2
-        result[name] = dict(images_per_s=args.batch_size / statistics.median(times[name]), speed_vs_timm=statistics.median(ratios))
-        print(f"  {name:22s} {result[name]['images_per_s']:6.1f} img/s   speed vs timm eager "
-              f"{result[name]['speed_vs_timm']:.3f}x (middle half of the rounds {low:.3f}-{high:.3f}x)")
+        low, high = (
+            statistics.quantiles(ratios, n=4, method="inclusive")[::2]
+            if len(ratios) > 1
+            else (ratios[0],) * 2
+        )
+        result[name] = dict(
+            images_per_s=args.batch_size / statistics.median(times[name]),
+            speed_vs_timm=statistics.median(ratios),
+        )
+        print(
+            f"  {name:22s} {result[name]['images_per_s']:6.1f} img/s   speed vs timm eager "
+            f"{result[name]['speed_vs_timm']:.3f}x (middle half of the rounds {low:.3f}-{high:.3f}x)"
+        )
     return result
 
 

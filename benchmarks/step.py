@@ -12,6 +12,7 @@ per step and share of the step, inference img/s, peak memory, the measured matmu
 model-FLOPs utilisation. Both arms run the training loop's own step_losses, backward, clipping
 and optimiser on the loop's device, precision and compilation (textteacher.compute_setup).
 """
+
 import contextlib
 import os
 import statistics
@@ -68,13 +69,16 @@ def matmul_peak(device, dtype):
         a @ a
         synchronize(device)
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times[1:])  # the first one warms up
+    return 2 * n**3 / statistics.median(times[1:])  # the first one warms up
 
 
 def max_rss():
     """The most memory this process has held so far, in bytes (Linux reports KiB, macOS bytes)."""
     import resource  # Unix only, hence imported here
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+        1 if sys.platform == "darwin" else 1024
+    )
 
 
 def benchmark(cfg, warmup=3, steps=1, repeats=15):
@@ -87,21 +91,32 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
     by repeat, so that a slow phase of a shared machine hits both alike; every number is the
     median over repeats of `steps` steps, after `warmup` untimed steps (which also compile).
     """
-    device, autocast, use_compile = compute_setup(cfg)  # the same device, precision and compilation as train()
+    device, autocast, use_compile = compute_setup(
+        cfg
+    )  # the same device, precision and compilation as train()
     num_classes = {"shapes": 10, "cifar100": 100}.get(cfg.data, 1000)  # as --data would have it
     micro = cfg.batch_size // cfg.accum
     if micro < 2 or micro * cfg.accum != cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --accum {cfg.accum} with at least 2 images per micro-batch")
+        raise UserError(
+            f"--batch-size {cfg.batch_size} must be a multiple of --accum {cfg.accum} with at least 2 images per micro-batch"
+        )
     torch.manual_seed(cfg.seed)
     images = torch.randn(micro, 3, cfg.img_size, cfg.img_size, device=device)
     y = F.one_hot(torch.randint(num_classes, (micro,), device=device), num_classes).float()
     targets = torch.randn(micro, BENCH_TEXT_DIM, device=device)
     lam = 0.5  # the value does not change the cost, as long as it is above 0
-    where = f"{device.type}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
-    print(f"benchmark: ViT-{cfg.model}/{cfg.patch_size} at {cfg.img_size}px, batch {cfg.batch_size}"
-          + (f" ({cfg.accum} x {micro})" if cfg.accum > 1 else "") + f", {cfg.optimizer}, {where}, "
-          + ("bf16 autocast" if device.type == "cuda" else "fp32") + (", compiled" if use_compile else ", eager")
-          + f"; medians of {repeats} x {steps} steps after {warmup} warm-up steps", flush=True)
+    where = f"{device.type}" + (
+        f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    )
+    print(
+        f"benchmark: ViT-{cfg.model}/{cfg.patch_size} at {cfg.img_size}px, batch {cfg.batch_size}"
+        + (f" ({cfg.accum} x {micro})" if cfg.accum > 1 else "")
+        + f", {cfg.optimizer}, {where}, "
+        + ("bf16 autocast" if device.type == "cuda" else "fp32")
+        + (", compiled" if use_compile else ", eager")
+        + f"; medians of {repeats} x {steps} steps after {warmup} warm-up steps",
+        flush=True,
+    )
 
     def training_step(text_dim):
         """A fresh model and optimiser, and a function doing one optimiser step of the loop with them."""
@@ -112,12 +127,15 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
 
         def step():
             for _ in range(cfg.accum):
-                loss = step_losses(train_model, images, y, targets if text_dim else None, lam, cfg, autocast)[0]
+                loss = step_losses(
+                    train_model, images, y, targets if text_dim else None, lam, cfg, autocast
+                )[0]
                 (loss / cfg.accum).backward()
             if cfg.clip_grad > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         return model, step
 
     def seconds(step):
@@ -139,7 +157,9 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
     for _ in range(warmup):
         text_step()
     synchronize(device)
-    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss()) - before
+    memory = (
+        torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss()
+    ) - before
     base_model, base_step = training_step(0)
     for _ in range(warmup):
         base_step()
@@ -153,7 +173,11 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
     ratios = [t / b for b, t in zip(times["baseline"], times["textteacher"])]
     ratio = statistics.median(ratios)
     # the middle half of the per-repeat ratios: how far to trust the median on this machine
-    spread = statistics.quantiles(ratios, n=4, method="inclusive")[::2] if repeats > 1 else [ratio, ratio]
+    spread = (
+        statistics.quantiles(ratios, n=4, method="inclusive")[::2]
+        if repeats > 1
+        else [ratio, ratio]
+    )
 
     # The text objective alone. Everything TextTeacher adds to the step happens after F (text
     # head, contrastive loss, adaptive weight, and their backward), so time that part of both
@@ -164,7 +188,9 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
         def run():
             f = feat.clone().requires_grad_(True)
             step_losses(m.heads, f, y, t, lam, cfg, autocast)[0].backward()
+
         return run
+
     after = {"baseline": after_f(base_model, None), "textteacher": after_f(model, targets)}
     extra = []
     for _ in range(warmup):
@@ -181,35 +207,59 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
     def infer():
         with autocast:
             infer_model(images)
+
     for _ in range(warmup):
         infer()
     infer_time = statistics.median(seconds(infer) for _ in range(repeats))
 
     forward_flops, train_flops = count_flops(cfg, num_classes)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the step's matmuls run in
+    dtype = (
+        torch.bfloat16 if device.type == "cuda" else torch.float32
+    )  # what the step's matmuls run in
     peak = matmul_peak(device, dtype)
-    r = dict(parameters=sum(p.numel() for p in model.vit.parameters()),
-             text_head_parameters=sum(p.numel() for p in model.text_head.parameters()),
-             forward_flops=forward_flops, train_flops=train_flops,
-             baseline_images_per_s=cfg.batch_size / base, textteacher_images_per_s=cfg.batch_size / text,
-             textteacher_step_ratio=ratio, textteacher_step_ratio_quartiles=spread,
-             text_objective_ms=extra_per_step * 1e3, text_objective_share=extra_per_step / text, inference_images_per_s=micro / infer_time,
-             peak_memory_mb=memory / 2 ** 20, matmul_peak_flops=peak)
+    r = dict(
+        parameters=sum(p.numel() for p in model.vit.parameters()),
+        text_head_parameters=sum(p.numel() for p in model.text_head.parameters()),
+        forward_flops=forward_flops,
+        train_flops=train_flops,
+        baseline_images_per_s=cfg.batch_size / base,
+        textteacher_images_per_s=cfg.batch_size / text,
+        textteacher_step_ratio=ratio,
+        textteacher_step_ratio_quartiles=spread,
+        text_objective_ms=extra_per_step * 1e3,
+        text_objective_share=extra_per_step / text,
+        inference_images_per_s=micro / infer_time,
+        peak_memory_mb=memory / 2**20,
+        matmul_peak_flops=peak,
+    )
     r["train_utilisation"] = r["baseline_images_per_s"] * train_flops / peak
     r["inference_utilisation"] = r["inference_images_per_s"] * forward_flops / peak
-    print(f"  parameters     {r['parameters'] / 1e6:.2f}M in the ViT; the text head adds {r['text_head_parameters'] / 1e6:.2f}M "
-          f"({BENCH_TEXT_DIM}-d targets) and is dropped at export")
-    print(f"  FLOPs / image  {forward_flops / 1e9:.3f} G forward, {train_flops / 1e9:.3f} G training (forward + backward), by FlopCounterMode")
-    print(f"  training       baseline {r['baseline_images_per_s']:.1f} img/s, TextTeacher {r['textteacher_images_per_s']:.1f} img/s: "
-          f"per repeat, TextTeacher's step took a median {ratio:.3f}x the baseline's ({ratio - 1:+.1%}; "
-          f"middle half of the repeats {spread[0]:.3f}-{spread[1]:.3f}x)")
-    print(f"  text objective {r['text_objective_ms']:.2f} ms per step on its own (text head, loss, adaptive weight and their "
-          f"backward, timed from F): {r['text_objective_share']:.2%} of TextTeacher's step")
+    print(
+        f"  parameters     {r['parameters'] / 1e6:.2f}M in the ViT; the text head adds {r['text_head_parameters'] / 1e6:.2f}M "
+        f"({BENCH_TEXT_DIM}-d targets) and is dropped at export"
+    )
+    print(
+        f"  FLOPs / image  {forward_flops / 1e9:.3f} G forward, {train_flops / 1e9:.3f} G training (forward + backward), by FlopCounterMode"
+    )
+    print(
+        f"  training       baseline {r['baseline_images_per_s']:.1f} img/s, TextTeacher {r['textteacher_images_per_s']:.1f} img/s: "
+        f"per repeat, TextTeacher's step took a median {ratio:.3f}x the baseline's ({ratio - 1:+.1%}; "
+        f"middle half of the repeats {spread[0]:.3f}-{spread[1]:.3f}x)"
+    )
+    print(
+        f"  text objective {r['text_objective_ms']:.2f} ms per step on its own (text head, loss, adaptive weight and their "
+        f"backward, timed from F): {r['text_objective_share']:.2%} of TextTeacher's step"
+    )
     print(f"  inference      {r['inference_images_per_s']:.1f} img/s")
-    print(f"  peak memory    {r['peak_memory_mb']:.0f} MB ("
-          + ("max allocated" if device.type == "cuda" else "rise of the max RSS") + " while training TextTeacher)")
-    print(f"  matmul peak    {peak / 1e9:.0f} GFLOP/s measured ({str(dtype).removeprefix('torch.')}); model FLOPs utilisation: "
-          f"training {r['train_utilisation']:.0%}, inference {r['inference_utilisation']:.0%}")
+    print(
+        f"  peak memory    {r['peak_memory_mb']:.0f} MB ("
+        + ("max allocated" if device.type == "cuda" else "rise of the max RSS")
+        + " while training TextTeacher)"
+    )
+    print(
+        f"  matmul peak    {peak / 1e9:.0f} GFLOP/s measured ({str(dtype).removeprefix('torch.')}); model FLOPs utilisation: "
+        f"training {r['train_utilisation']:.0%}, inference {r['inference_utilisation']:.0%}"
+    )
     return r
 
 

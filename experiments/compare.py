@@ -17,6 +17,7 @@ captions, the alignment of the last epoch: image-to-caption retrieval top-1 thro
 head and the mean cosine of matching and of non-matching pairs. All of it goes to
 runs/NAME/compare.json.
 """
+
 import argparse
 import dataclasses
 import json
@@ -38,7 +39,9 @@ class Shuffled:
 
     def __init__(self, targets, seed):
         self.__dict__.update(targets.__dict__)
-        self.rows = targets.rows[torch.randperm(len(targets.rows), generator=torch.Generator().manual_seed(seed))]
+        self.rows = targets.rows[
+            torch.randperm(len(targets.rows), generator=torch.Generator().manual_seed(seed))
+        ]
         self.sha256 = f"{targets.sha256}:shuffled:{seed}"
 
     __call__ = tt.TextTargets.__call__
@@ -51,7 +54,9 @@ class Gaussian:
     def __init__(self, targets, seed):
         g = torch.Generator().manual_seed(seed)
         self.dim, self.encoder, self.sha256 = targets.dim, "random", f"random:{seed}"
-        self.vectors = torch.randn(len(targets.rows), targets.dim, generator=g) * targets.vectors.float().std(0)
+        self.vectors = torch.randn(
+            len(targets.rows), targets.dim, generator=g
+        ) * targets.vectors.float().std(0)
 
     def __call__(self, index, labels, images, lam):
         return tt.mix(self.vectors[index].to(images.device), lam)
@@ -68,11 +73,14 @@ class VisionTeacher:
 
     def __init__(self, name, device, img_size):
         from transformers import AutoModel
+
         try:
             self.model = AutoModel.from_pretrained(name).eval().requires_grad_(False).to(device)
         except OSError:
-            raise tt.UserError(f"vision model {name!r} is not available offline; pass a saved "
-                               "folder (save_pretrained)") from None
+            raise tt.UserError(
+                f"vision model {name!r} is not available offline; pass a saved "
+                "folder (save_pretrained)"
+            ) from None
         self.encoder = self.sha256 = name
         self.dim = self.features(torch.zeros(1, 3, img_size, img_size, device=device)).shape[1]
 
@@ -82,7 +90,9 @@ class VisionTeacher:
             out = self.model.get_image_features(pixel_values=images)
             return getattr(out, "pooler_output", out).float()
         out = self.model(pixel_values=images)
-        return (out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]).float()
+        return (
+            out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+        ).float()
 
     def __call__(self, index, labels, images, lam):
         return self.features(images)  # the mixed batch itself: nothing to mix
@@ -91,8 +101,8 @@ class VisionTeacher:
 def alignment(cfg, text_path, limit=500):
     """An on_epoch callback: at the last epoch, how well the text head's image embeddings match
     the captions of the first `limit` validation images that have one in the embeddings file:
-    image-to-caption retrieval top-1 among them (scored as the loss scores: dot products for
-    clip, cosines for infonce), and the mean cosine of matching and of non-matching pairs."""
+    image-to-caption retrieval top-1 among them (scored as the loss scores them: dot products),
+    and the mean cosine of matching and of non-matching pairs."""
     emb = torch.load(text_path, mmap=True, weights_only=True)
     if "val_keys" not in emb or emb["level"] != "image":
         return None
@@ -109,13 +119,23 @@ def alignment(cfg, text_path, limit=500):
         model.eval()
         device = next(model.parameters()).device
         images = torch.stack([samples[i][0] for i, _ in pairs])
-        z = torch.cat([model(tt.normalize(images[s:s + 256].to(device)))[1] for s in range(0, len(images), 256)]).float()
+        z = torch.cat(
+            [
+                model(tt.normalize(images[s : s + 256].to(device)))[1]
+                for s in range(0, len(images), 256)
+            ]
+        ).float()
         targets = t.to(device)
         cos = F.normalize(z, dim=-1) @ F.normalize(targets, dim=-1).T  # shape = [M, M]
-        scores = z @ targets.T if cfg.text_loss == "clip" else cos
+        scores = z @ targets.T
         M = len(z)
-        record.update(retrieval_top1=100 * (scores.argmax(1) == torch.arange(M, device=device)).float().mean().item(),
-                      cos_match=cos.diag().mean().item(), cos_other=((cos.sum() - cos.trace()) / (M * (M - 1))).item())
+        record.update(
+            retrieval_top1=100
+            * (scores.argmax(1) == torch.arange(M, device=device)).float().mean().item(),
+            cos_match=cos.diag().mean().item(),
+            cos_other=((cos.sum() - cos.trace()) / (M * (M - 1))).item(),
+        )
+
     return on_epoch
 
 
@@ -123,8 +143,12 @@ def run_arm(cfg, folder, targets=None, on_epoch=None):
     """One arm in its run folder: reused when finished, continued when interrupted."""
     if os.path.exists(os.path.join(folder, "export", "config.json")):
         return read_metrics(folder)
-    cfg = dataclasses.replace(cfg, out_dir=os.path.dirname(folder), name=os.path.basename(folder),
-                              resume=folder if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "")
+    cfg = dataclasses.replace(
+        cfg,
+        out_dir=os.path.dirname(folder),
+        name=os.path.basename(folder),
+        resume=folder if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "",
+    )
     tt.train(cfg, targets=targets, on_epoch=on_epoch)
     return read_metrics(folder)
 
@@ -143,12 +167,19 @@ def arms_of(cfg, control="", teacher=""):
         _, keys, classes = tt.image_split(cfg.data, cfg.data_dir, "train")
 
         def text(seed, device):
-            targets = tt.TextTargets(cfg.text, keys[:cfg.limit or None], classes, cfg.text_std)
-            return {"": targets, "shuffle": Shuffled, "random": Gaussian}[control](targets, seed) if control else targets
+            targets = tt.TextTargets(cfg.text, keys, classes)
+            return (
+                {"": targets, "shuffle": Shuffled, "random": Gaussian}[control](targets, seed)
+                if control
+                else targets
+            )
+
         arms["textteacher" + (f"-{control}" if control else "")] = (cfg, text if control else None)
     if teacher:
-        arms["teacher"] = (dataclasses.replace(cfg, text=""),
-                           lambda seed, device: VisionTeacher(teacher, device, cfg.img_size))
+        arms["teacher"] = (
+            dataclasses.replace(cfg, text=""),
+            lambda seed, device: VisionTeacher(teacher, device, cfg.img_size),
+        )
     return arms
 
 
@@ -161,8 +192,14 @@ def compare(cfg, root, seeds, arms):
             arm_cfg = dataclasses.replace(arm_cfg, seed=seed)
             device = tt.compute_setup(arm_cfg)[0]
             targets = make(seed, device) if make else None
-            on_epoch = alignment(arm_cfg, arm_cfg.text) if arm_cfg.text and arm_cfg.text_loss_lambda > 0 else None
-            runs[(seed, arm)] = run_arm(arm_cfg, os.path.join(root, f"seed{seed}-{arm}"), targets, on_epoch)
+            on_epoch = (
+                alignment(arm_cfg, arm_cfg.text)
+                if arm_cfg.text and arm_cfg.text_loss_lambda > 0
+                else None
+            )
+            runs[(seed, arm)] = run_arm(
+                arm_cfg, os.path.join(root, f"seed{seed}-{arm}"), targets, on_epoch
+            )
     summary = summarize(runs, list(arms), seeds)
     with open(os.path.join(root, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -179,28 +216,49 @@ def summarize(runs, arms, seeds):
     baseline (mean and std over seeds of the paired differences), seconds per epoch and the
     last epoch's alignment."""
     epochs = len(runs[(seeds[0], arms[0])])
-    per_epoch = {a: [float(np.mean([runs[(s, a)][e]["top1"] for s in seeds])) for e in range(epochs)] for a in arms}
+    per_epoch = {
+        a: [float(np.mean([runs[(s, a)][e]["top1"] for s in seeds])) for e in range(epochs)]
+        for a in arms
+    }
     out = dict(arms=arms, seeds=seeds, top1_per_epoch=per_epoch)
     lines = [f"{'epoch':>6}" + "".join(f"{a:>22}" for a in arms)]
-    lines += [f"{e + 1:>6}" + "".join(f"{per_epoch[a][e]:>22.2f}" for a in arms) for e in range(epochs)]
+    lines += [
+        f"{e + 1:>6}" + "".join(f"{per_epoch[a][e]:>22.2f}" for a in arms) for e in range(epochs)
+    ]
     base_time = np.mean([r["epoch_time"] for s in seeds for r in runs[(s, arms[0])]])
     for arm in arms:
         last = [runs[(s, arm)][-1] for s in seeds]
-        entry = dict(final=mean_std([r["top1"] for r in last]), seconds_per_epoch=float(
-            np.mean([r["epoch_time"] for s in seeds for r in runs[(s, arm)]])))
+        entry = dict(
+            final=mean_std([r["top1"] for r in last]),
+            seconds_per_epoch=float(
+                np.mean([r["epoch_time"] for s in seeds for r in runs[(s, arm)]])
+            ),
+        )
         for key in ("retrieval_top1", "cos_match", "cos_other"):
             if key in last[0]:
                 entry[key] = mean_std([r[key] for r in last])
         if arm != arms[0]:
-            entry["final_diff"] = mean_std([runs[(s, arm)][-1]["top1"] - runs[(s, arms[0])][-1]["top1"] for s in seeds])
-            entry["best_diff"] = mean_std([runs[(s, arm)][-1]["best_top1"] - runs[(s, arms[0])][-1]["best_top1"]
-                                           for s in seeds])
+            entry["final_diff"] = mean_std(
+                [runs[(s, arm)][-1]["top1"] - runs[(s, arms[0])][-1]["top1"] for s in seeds]
+            )
+            entry["best_diff"] = mean_std(
+                [
+                    runs[(s, arm)][-1]["best_top1"] - runs[(s, arms[0])][-1]["best_top1"]
+                    for s in seeds
+                ]
+            )
             d, b = entry["final_diff"], entry["best_diff"]
-            lines.append(f"{arm} - baseline: final top1 {d[0]:+.2f} +- {d[1]:.2f}, best {b[0]:+.2f} +- {b[1]:.2f} "
-                         f"(std over {len(seeds)} seeds); {entry['seconds_per_epoch']:.1f} s/epoch vs "
-                         f"{base_time:.1f} s" + (f"; retrieval {entry['retrieval_top1'][0]:.1f}%, cos "
-                                                 f"{entry['cos_match'][0]:.3f} matching / {entry['cos_other'][0]:.3f} other"
-                                                 if "retrieval_top1" in entry else ""))
+            lines.append(
+                f"{arm} - baseline: final top1 {d[0]:+.2f} +- {d[1]:.2f}, best {b[0]:+.2f} +- {b[1]:.2f} "
+                f"(std over {len(seeds)} seeds); {entry['seconds_per_epoch']:.1f} s/epoch vs "
+                f"{base_time:.1f} s"
+                + (
+                    f"; retrieval {entry['retrieval_top1'][0]:.1f}%, cos "
+                    f"{entry['cos_match'][0]:.3f} matching / {entry['cos_other'][0]:.3f} other"
+                    if "retrieval_top1" in entry
+                    else ""
+                )
+            )
         out[arm] = entry
     out["table"] = "\n".join(lines)
     return out
@@ -218,11 +276,17 @@ def main(argv=None):
         if args.seeds < 1:
             raise tt.UserError(f"--seeds must be 1 or more, got {args.seeds}")
         if not (cfg.text or args.teacher) or cfg.text_loss_lambda == 0:
-            raise tt.UserError("compare needs --text or --teacher, and a --text-loss-lambda above 0")
+            raise tt.UserError(
+                "compare needs --text or --teacher, and a --text-loss-lambda above 0"
+            )
         root = os.path.join(cfg.out_dir, cfg.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
         os.makedirs(root, exist_ok=True)
-        summary = compare(cfg, root, list(range(cfg.seed, cfg.seed + args.seeds)),
-                          arms_of(cfg, args.control, args.teacher))
+        summary = compare(
+            cfg,
+            root,
+            list(range(cfg.seed, cfg.seed + args.seeds)),
+            arms_of(cfg, args.control, args.teacher),
+        )
         print(summary["table"])
     except tt.UserError as e:
         sys.exit(f"error: {e}")

@@ -8,6 +8,7 @@ without any model code, all in export/ beside the checkpoint.
 It prints where it wrote the export, after checking that a ViT built from the written files and
 the torch.export program both reproduce the checkpoint's logits (exactly, and to 1e-5).
 """
+
 import json
 import os
 import sys
@@ -25,7 +26,9 @@ def export_checked(ckpt, out_dir):
     model = tt.TextTeacher(tt.ViT(**args), ckpt["text_dim"]).eval()
     model.load_state_dict(ckpt["model"])
     tt.export(model.vit, args, ckpt["classes"], out_dir)
-    x = torch.randn(4, 3, args["img_size"], args["img_size"], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(
+        4, 3, args["img_size"], args["img_size"], generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         fresh = tt.ViT(**json.load(open(os.path.join(out_dir, "config.json")))["model_args"]).eval()
         fresh.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=True)

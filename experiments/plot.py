@@ -6,6 +6,7 @@ folder), side by side, in one PNG. Needs matplotlib (optional: pip install matpl
 
 It prints the file it wrote and how many runs it drew.
 """
+
 import argparse
 import os
 import sys
@@ -19,6 +20,7 @@ def plot_runs(paths, out):
     a --compare folder), side by side, into one PNG."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -28,14 +30,25 @@ def plot_runs(paths, out):
         if os.path.isfile(os.path.join(path, "metrics.jsonl")):
             runs.append(path)
         elif os.path.isdir(path):
-            runs += sorted(e.path for e in os.scandir(path) if os.path.isfile(os.path.join(e.path, "metrics.jsonl")))
+            runs += sorted(
+                e.path
+                for e in os.scandir(path)
+                if os.path.isfile(os.path.join(e.path, "metrics.jsonl"))
+            )
     if not runs:
-        sys.exit(f"error: no run with a metrics.jsonl in {' '.join(paths)}; pass run folders such as runs/NAME")
+        sys.exit(
+            f"error: no run with a metrics.jsonl in {' '.join(paths)}; pass run folders such as runs/NAME"
+        )
     fig, (acc, txt) = plt.subplots(1, 2, figsize=(11, 4))
     for i, run in enumerate(runs):
         m = read_metrics(run)
-        epochs, name = [r["epoch"] for r in m], os.path.relpath(run, os.path.commonpath(runs)) if len(runs) > 1 else run
-        acc.plot(epochs, [r["top1"] for r in m], color=f"C{i}", label=name)  # one colour per run in both panels
+        epochs, name = (
+            [r["epoch"] for r in m],
+            os.path.relpath(run, os.path.commonpath(runs)) if len(runs) > 1 else run,
+        )
+        acc.plot(
+            epochs, [r["top1"] for r in m], color=f"C{i}", label=name
+        )  # one colour per run in both panels
         if m[0]["loss_txt"] is not None:
             txt.plot(epochs, [r["loss_txt"] for r in m], color=f"C{i}", label=name)
     acc.set(xlabel="epoch", ylabel="validation top-1 (%)", title="accuracy")

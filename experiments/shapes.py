@@ -11,6 +11,7 @@ by file name) and, through caption_embed.py with the packaged MiniLM encoder, da
 text.pt. It prints what it wrote. The shape is the class; colour, size, place and background
 vary, and a caption names them all, so a caption says more than a label does.
 """
+
 import argparse
 import os
 import sys
@@ -22,16 +23,45 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import caption_embed  # noqa: E402
 
-KINDS = ("circle", "ring", "square", "diamond", "triangle", "plus", "cross", "star", "hexagon", "heart")
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (230, 210, 40),
-           "purple": (150, 60, 200), "orange": (245, 140, 30), "pink": (240, 120, 190), "cyan": (40, 200, 210)}
+KINDS = (
+    "circle",
+    "ring",
+    "square",
+    "diamond",
+    "triangle",
+    "plus",
+    "cross",
+    "star",
+    "hexagon",
+    "heart",
+)
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "pink": (240, 120, 190),
+    "cyan": (40, 200, 210),
+}
 SIZES = {"small": 0.16, "medium": 0.24, "large": 0.34}  # radius as a fraction of the side
-PLACES = {"top left": (0.27, 0.27), "top": (0.5, 0.27), "top right": (0.73, 0.27),
-          "left": (0.27, 0.5), "centre": (0.5, 0.5), "right": (0.73, 0.5),
-          "bottom left": (0.27, 0.73), "bottom": (0.5, 0.73), "bottom right": (0.73, 0.73)}
-TEMPLATES = ("a {size} {colour} {shape} near the {place} on a {bg} background",
-             "a {bg} picture with a {size} {colour} {shape} near the {place}",
-             "{size} {colour} {shape} in the {place} of a {bg} image")
+PLACES = {
+    "top left": (0.27, 0.27),
+    "top": (0.5, 0.27),
+    "top right": (0.73, 0.27),
+    "left": (0.27, 0.5),
+    "centre": (0.5, 0.5),
+    "right": (0.73, 0.5),
+    "bottom left": (0.27, 0.73),
+    "bottom": (0.5, 0.73),
+    "bottom right": (0.73, 0.73),
+}
+TEMPLATES = (
+    "a {size} {colour} {shape} near the {place} on a {bg} background",
+    "a {bg} picture with a {size} {colour} {shape} near the {place}",
+    "{size} {colour} {shape} in the {place} of a {bg} image",
+)
 SPLITS = {"train": (3000, 0), "val": (1000, 1)}  # split: (images, seed)
 
 
@@ -48,8 +78,11 @@ def mask(kind, dx, dy):
         "cross": lambda: ((abs(dx - dy) <= 0.4) | (abs(dx + dy) <= 0.4)) & (big <= 0.8),
         "star": lambda: d <= 0.5 + 0.5 * np.cos(5 * (a + np.pi / 2)).clip(0) ** 0.7,
         "hexagon": lambda: (abs(dy) <= 0.866) & (abs(dx) * 0.866 + abs(dy) * 0.5 <= 0.866),
-        "heart": lambda: ((1.2 * dx) ** 2 + (0.25 - 1.2 * dy) ** 2 - 1) ** 3
-                         - (1.2 * dx) ** 2 * (0.25 - 1.2 * dy) ** 3 <= 0,
+        "heart": lambda: (
+            ((1.2 * dx) ** 2 + (0.25 - 1.2 * dy) ** 2 - 1) ** 3
+            - (1.2 * dx) ** 2 * (0.25 - 1.2 * dy) ** 3
+            <= 0
+        ),
     }[kind]()
 
 
@@ -59,17 +92,31 @@ def draw(n, seed, size=32):
     rng = np.random.default_rng(seed)
     s = 2 * size  # drawn at twice the resolution, then averaged down: smooth edges
     yy, xx = np.mgrid[0:s, 0:s] + 0.5
-    images, labels, attrs = np.empty((n, size, size, 3), np.uint8), rng.integers(0, len(KINDS), n), []
+    images, labels, attrs = (
+        np.empty((n, size, size, 3), np.uint8),
+        rng.integers(0, len(KINDS), n),
+        [],
+    )
     for i in range(n):
-        a = dict(shape=KINDS[labels[i]], colour=list(COLOURS)[rng.integers(len(COLOURS))],
-                 size=list(SIZES)[rng.integers(len(SIZES))], place=list(PLACES)[rng.integers(len(PLACES))],
-                 bg="dark" if rng.random() < 0.5 else "light")
+        a = dict(
+            shape=KINDS[labels[i]],
+            colour=list(COLOURS)[rng.integers(len(COLOURS))],
+            size=list(SIZES)[rng.integers(len(SIZES))],
+            place=list(PLACES)[rng.integers(len(PLACES))],
+            bg="dark" if rng.random() < 0.5 else "light",
+        )
         r = SIZES[a["size"]] * s * rng.uniform(0.9, 1.1)
         cx, cy = (np.array(PLACES[a["place"]]) + rng.uniform(-0.05, 0.05, 2)) * s
-        img = np.full((s, s, 3), rng.uniform(10, 70) if a["bg"] == "dark" else rng.uniform(180, 245))
+        img = np.full(
+            (s, s, 3), rng.uniform(10, 70) if a["bg"] == "dark" else rng.uniform(180, 245)
+        )
         img += rng.normal(0, 12, (s, s, 1))
-        img[mask(a["shape"], (xx - cx) / r, (yy - cy) / r)] = np.array(COLOURS[a["colour"]]) + rng.normal(0, 15, 3)
-        images[i] = img.reshape(size, 2, size, 2, 3).mean((1, 3)).clip(0, 255).round().astype(np.uint8)
+        img[mask(a["shape"], (xx - cx) / r, (yy - cy) / r)] = np.array(
+            COLOURS[a["colour"]]
+        ) + rng.normal(0, 15, 3)
+        images[i] = (
+            img.reshape(size, 2, size, 2, 3).mean((1, 3)).clip(0, 255).round().astype(np.uint8)
+        )
         a["template"] = int(rng.integers(len(TEMPLATES)))
         attrs.append(a)
     return images, labels, attrs
@@ -116,8 +163,19 @@ def main(argv=None):
     for split, path in paths.items():
         write_captions(path, split, attrs[split])
     print(f"wrote {sum(n for n, _ in SPLITS.values())} images and their captions to {args.out}")
-    caption_embed.main(["--captions", paths["train"], "--val-captions", paths["val"], "--dataset",
-                        "shapes", "--out", os.path.join(args.out, "text.pt"), "--force"])
+    caption_embed.main(
+        [
+            "--captions",
+            paths["train"],
+            "--val-captions",
+            paths["val"],
+            "--dataset",
+            "shapes",
+            "--out",
+            os.path.join(args.out, "text.pt"),
+            "--force",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ the cell closest to the paper's headline claim that a laptop runs in a few minut
 sign. If another cell shows a positive mean difference larger than its std, the README names
 it as the second command; if no cell does, the README says so.
 """
+
 import argparse
 import dataclasses
 import json
@@ -78,13 +79,20 @@ def runs(root):
         for noise in noises:
             for seed in SEEDS:
                 base = f"base-p{cell['patch_size']}-e{cell['epochs']}-n{noise}/seed{seed}"
-                flags = dict(patch_size=cell["patch_size"], epochs=cell["epochs"], label_noise=noise, seed=seed)
+                flags = dict(
+                    patch_size=cell["patch_size"],
+                    epochs=cell["epochs"],
+                    label_noise=noise,
+                    seed=seed,
+                )
                 out[base] = (dict(flags, text_loss_lambda=0.0), None)
-                out[f"{name}-n{noise}/seed{seed}"] = (dict(flags, lambda_schedule=cell["lambda_schedule"]),
-                                                     cell["captions"])
+                out[f"{name}-n{noise}/seed{seed}"] = (
+                    dict(flags, lambda_schedule=cell["lambda_schedule"]),
+                    cell["captions"],
+                )
     # the patch 4 pair of seed 0 first, then every patch 8 run, then the other patch 4 pairs
     order = lambda item: (item[1][0]["patch_size"] == 4) * (1 + 2 * (item[1][0]["seed"] > 0))  # noqa: E731
-    return sorted(out.items(), key=lambda item: (-order(item) if order(item) == 1 else order(item)))
+    return sorted(out.items(), key=lambda item: -order(item) if order(item) == 1 else order(item))
 
 
 def prepare(root, data):
@@ -98,8 +106,18 @@ def prepare(root, data):
             paths = {s: os.path.join(root, f"captions-{variant}-{s}.txt") for s in attrs}
             for split, path in paths.items():
                 shapes.write_captions(path, split, attrs[split], variant)
-            caption_embed.main(["--captions", paths["train"], "--val-captions", paths["val"],
-                                "--dataset", "shapes", "--out", out])
+            caption_embed.main(
+                [
+                    "--captions",
+                    paths["train"],
+                    "--val-captions",
+                    paths["val"],
+                    "--dataset",
+                    "shapes",
+                    "--out",
+                    out,
+                ]
+            )
 
 
 def work(root, data, worker, workers):
@@ -124,36 +142,72 @@ def report(root, docs):
     for name, (changes, noises) in CELLS.items():
         cell = {**BASE, **changes}
         for noise in noises:
-            base = [compare.read_metrics(os.path.join(root, f"base-p{cell['patch_size']}-e{cell['epochs']}-n{noise}",
-                                                      f"seed{s}")) for s in SEEDS]
-            text = [compare.read_metrics(os.path.join(root, f"{name}-n{noise}", f"seed{s}")) for s in SEEDS]
+            base = [
+                compare.read_metrics(
+                    os.path.join(
+                        root, f"base-p{cell['patch_size']}-e{cell['epochs']}-n{noise}", f"seed{s}"
+                    )
+                )
+                for s in SEEDS
+            ]
+            text = [
+                compare.read_metrics(os.path.join(root, f"{name}-n{noise}", f"seed{s}"))
+                for s in SEEDS
+            ]
             diff = compare.mean_std([t[-1]["top1"] - b[-1]["top1"] for t, b in zip(text, base)])
-            rows.append(dict(cell=name, noise=noise, baseline=compare.mean_std([b[-1]["top1"] for b in base]),
-                             textteacher=compare.mean_std([t[-1]["top1"] for t in text]), diff=diff,
-                             early=compare.mean_std([t[4]["top1"] - b[4]["top1"] for t, b in zip(text, base)]),
-                             **{k: compare.mean_std([t[-1][k] for t in text])
-                                for k in ("retrieval_top1", "cos_match", "cos_other", "loss_txt")}))
-    lines = ["| cell | noise | baseline | TextTeacher | difference (final) | difference (epoch 5) | "
-             "retrieval top-1 | cos matching | cos other |", "|---|---|---|---|---|---|---|---|---|"]
+            rows.append(
+                dict(
+                    cell=name,
+                    noise=noise,
+                    baseline=compare.mean_std([b[-1]["top1"] for b in base]),
+                    textteacher=compare.mean_std([t[-1]["top1"] for t in text]),
+                    diff=diff,
+                    early=compare.mean_std(
+                        [t[4]["top1"] - b[4]["top1"] for t, b in zip(text, base)]
+                    ),
+                    **{
+                        k: compare.mean_std([t[-1][k] for t in text])
+                        for k in ("retrieval_top1", "cos_match", "cos_other", "loss_txt")
+                    },
+                )
+            )
+    lines = [
+        "| cell | noise | baseline | TextTeacher | difference (final) | difference (epoch 5) | "
+        "retrieval top-1 | cos matching | cos other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['noise']} | {r['baseline'][0]:.1f} | {r['textteacher'][0]:.1f} | "
-                     f"**{r['diff'][0]:+.1f} ± {r['diff'][1]:.1f}** | {r['early'][0]:+.1f} ± {r['early'][1]:.1f} | "
-                     f"{r['retrieval_top1'][0]:.1f} | {r['cos_match'][0]:.3f} | {r['cos_other'][0]:.3f} |")
+        lines.append(
+            f"| {r['cell']} | {r['noise']} | {r['baseline'][0]:.1f} | {r['textteacher'][0]:.1f} | "
+            f"**{r['diff'][0]:+.1f} ± {r['diff'][1]:.1f}** | {r['early'][0]:+.1f} ± {r['early'][1]:.1f} | "
+            f"{r['retrieval_top1'][0]:.1f} | {r['cos_match'][0]:.3f} | {r['cos_other'][0]:.3f} |"
+        )
     os.makedirs(docs, exist_ok=True)
     with open(os.path.join(docs, "study.md"), "w") as f:
-        f.write("Validation top-1 (%) at the last epoch, mean over seeds 0, 1, 2; differences are "
-                "paired (TextTeacher - baseline of the same seed), mean ± std over the seeds. "
-                "Alignment of the TextTeacher arm at its last epoch, against the full validation "
-                "captions (500 images). Written by `python experiments/study.py`.\n\n" + "\n".join(lines) + "\n")
+        f.write(
+            "Validation top-1 (%) at the last epoch, mean over seeds 0, 1, 2; differences are "
+            "paired (TextTeacher - baseline of the same seed), mean ± std over the seeds. "
+            "Alignment of the TextTeacher arm at its last epoch, against the full validation "
+            "captions (500 images). Written by `python experiments/study.py`.\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
     with open(os.path.join(docs, "study.json"), "w") as f:
         json.dump(rows, f, indent=1)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(9, 4))
     labels = [f"{r['cell']}\nnoise {r['noise']}" for r in rows]
-    ax.bar(range(len(rows)), [r["diff"][0] for r in rows], yerr=[r["diff"][1] for r in rows], capsize=3,
-           color=["C0" if r["diff"][0] > 0 else "C3" for r in rows])
+    ax.bar(
+        range(len(rows)),
+        [r["diff"][0] for r in rows],
+        yerr=[r["diff"][1] for r in rows],
+        capsize=3,
+        color=["C0" if r["diff"][0] > 0 else "C3" for r in rows],
+    )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("TextTeacher - baseline, top-1 (p.p.)")
@@ -176,8 +230,10 @@ def main(argv=None):
         return work(args.root, args.data, args.worker, args.workers)
     prepare(args.root, args.data)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", str(i)], env=env)
-             for i in range(args.workers)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", str(i)], env=env)
+        for i in range(args.workers)
+    ]
     if any(p.wait() for p in procs):
         sys.exit("error: a worker failed; run the same command again to continue")
     report(args.root, args.docs)
