@@ -877,15 +877,18 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}", leave=False,
                    disable=rank != 0 or not sys.stderr.isatty())
         while step < steps_per_epoch:
-            # stochastic depth draws from torch's RNG: seeded by the position, a resumed run
-            # draws the same masks without any RNG state in the checkpoint
-            torch.manual_seed(((cfg.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + rank)
             for a in range(cfg.accum):
+                # the micro-batch's place in the global batch: one process with --accum 2 draws
+                # what two processes draw (the same images, CutMix boxes and drop-path masks)
+                part = a * world + rank
+                # stochastic depth draws from torch's RNG: seeded by the position, a resumed run
+                # draws the same masks without any RNG state in the checkpoint
+                torch.manual_seed(((cfg.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + part)
                 images, y, index = next(batches)
                 images = normalize(images.to(device, non_blocking=True))
                 y, lam_mix = F.one_hot(y.to(device, non_blocking=True), len(classes)).float(), 1.0
                 if cfg.cutmix > 0:
-                    images, lam_mix = cutmix(images, cfg.cutmix, (cfg.seed, epoch, step, a, rank))
+                    images, lam_mix = cutmix(images, cfg.cutmix, (cfg.seed, epoch, step, part))
                     y = mix(y, lam_mix)
                 t = targets(index, labels[index], images, lam_mix) if target_dim else None
                 # DDP averages the gradients on the last micro-batch of a step only
