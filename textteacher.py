@@ -283,10 +283,7 @@ class EpochSampler(Sampler):
     def __init__(self, n, batch_size, accum, rank, world, seed):
         self.n, self.batch, self.accum, self.rank, self.world = n, batch_size, accum, rank, world
         self.micro, self.steps = batch_size // (world * accum), n // batch_size
-        self.seed, self.epoch, self.start = seed, 0, 0
-
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start = epoch, start_step
+        self.seed, self.epoch, self.start = seed, 0, 0  # set by train() before every epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -871,7 +868,7 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         lam = lambda_at(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch)
-        sampler.set_epoch(epoch, step)
+        sampler.epoch, sampler.start = epoch, step
         model.train()
         batches, t0 = iter(train_loader), time.time()
         bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}", leave=False,
