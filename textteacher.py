@@ -29,6 +29,7 @@ plots, benchmarks/ measures speed.
 import argparse
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -637,8 +638,9 @@ def lr_at(cfg, epoch):
 
 def save_atomic(write, path):
     """write(file) into a temporary file beside path, then rename it into place: a crash
-    mid-write leaves the previous file whole, never a torn one. Through a Python file object a
-    full disk is an OSError with its cause, reported in one line with the path."""
+    mid-write leaves the previous file whole, never a torn one (a SIGKILL may leave the
+    temporary file, which --resume removes). A failed write (a full disk, no permission) is
+    reported in one line with the path and its cause."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -646,8 +648,11 @@ def save_atomic(write, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except (OSError, RuntimeError) as e:  # torch's zip writer wraps the OSError in a RuntimeError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise  # not a failed write: a bug
+        raise UserError(f"cannot write {path}: {cause.strerror or cause}") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -778,6 +783,8 @@ def open_run(cfg, given, rank):
         setattr(cfg, k, saved[k])
     if changed and rank == 0:
         print("resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    for leftover in glob.glob(os.path.join(os.path.dirname(path), "*.tmp[0-9]*")) * (rank == 0):
+        os.remove(leftover)  # a file a process killed mid-save left: torn, and never read
     return ckpt, writable(os.path.dirname(path), os.path.dirname(path))
 
 
@@ -858,8 +865,8 @@ def train(cfg, given=(), targets=None, on_epoch=None):
             encoder = getattr(targets, "encoder", None)
             config = json.dumps(dict(state["config"], text_sha256=sha256, encoder=encoder))
             log = "".join(epoch_line(r, cfg) + "\n" for r in history)
-            save_run(run_dir, state, {"config.json": config, "log.txt": log,
-                                      "label_noise.json": json.dumps(flipped.tolist())})
+            noise = {"label_noise.json": json.dumps(flipped.tolist())} if cfg.label_noise else {}
+            save_run(run_dir, state, {"config.json": config, "log.txt": log, **noise})
 
     # -- the loop ---------------------------------------------------------------------------
     from tqdm import tqdm  # a dependency of transformers
@@ -968,8 +975,9 @@ def main(argv=None):
         print("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1], file=sys.stderr)
         sys.exit(getattr(e, "code", 2))
     except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
-        sys.exit(f"interrupted; continue from the last checkpoint: --resume {cfg.out_dir}/"
-                 f"{cfg.name}")
+        print(f"interrupted; continue from the last checkpoint: --resume {cfg.out_dir}/{cfg.name}",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

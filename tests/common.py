@@ -1,0 +1,268 @@
+"""Helpers shared by test_textteacher.py, tests/test_bad_input.py and tests/test_tools.py: a tiny
+image folder, an embeddings file written without caption_embed.py, a stand-in text encoder, and
+ways to run textteacher.py in this process or as a command.
+
+The tiny data: 3 classes, 64 training and 11 validation PNGs each, 16x20 px. Each class has a
+colour of its own under the noise, so a few steps learn it; 3 x 11 = 33 validation images, an
+odd number that two ranks cannot split evenly. With --img-size 16 --patch-size 8 the micro ViT
+sees 4 patches: a step takes milliseconds.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+import textteacher as tt  # noqa: E402
+
+# One thread: the tiny models gain nothing from more, and on a busy machine a second thread
+# makes every step wait for the slowest core (a step fell from 40 ms to seconds).
+torch.set_num_threads(1)
+
+TEXT_DIM = 16
+TIMING = {"images_per_s", "epoch_time"}  # the only entries of metrics.jsonl equal runs differ in
+
+
+# ----------------------------------------------------------------------------
+# data
+
+def write_folder(root, classes=("a", "b", "c"), train=64, val=11, size=(16, 20), ext="png"):
+    """root/{train,val}/CLASS/CLASS_SPLIT_NNN.EXT; returns the training keys (file names) in
+    ImageFolder's order (classes sorted, then files sorted)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    keys = []
+    for split, n in (("train", train), ("val", val)):
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            colour = np.array([(60 + 90 * c) % 256, (200 - 70 * c) % 256, (40 + 150 * c) % 256])
+            for i in range(n):
+                pixels = colour + rng.normal(0, 40, (*size, 3))
+                file = f"{name}_{split}_{i:03d}.{ext}"
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+                    os.path.join(root, split, name, file))
+                if split == "train":
+                    keys.append(file)
+    return keys
+
+
+def image_features(root, keys, dim=TEXT_DIM, split="train"):
+    """Stand-in caption embeddings that the images predict: a fixed random projection of each
+    training image's mean colour in its four quadrants, plus an offset shared by all (which
+    centring must remove)."""
+    from PIL import Image
+    proj = torch.randn(12, dim, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for key in keys:
+        cls = key.split("_")[0]
+        img = torch.from_numpy(np.asarray(Image.open(os.path.join(root, split, cls, key)),
+                                          dtype=np.float32)) / 255  # [H, W, 3]
+        h, w = img.shape[0] // 2, img.shape[1] // 2
+        quads = [img[:h, :w], img[:h, w:], img[h:, :w], img[h:, w:]]
+        rows.append(torch.cat([q.mean((0, 1)) for q in quads]))
+    x = torch.stack(rows)  # standardised with fixed statistics, the same for every split
+    return 3 * (x - 0.5) / 0.15 @ proj / 12 ** 0.5 + 5
+
+
+def write_embeddings(path, keys, vectors, level="image", **changes):
+    """An embeddings file in the documented format, written without caption_embed.py; `changes`
+    add or replace fields (e.g. split="val")."""
+    vectors = torch.as_tensor(vectors, dtype=torch.float32).contiguous()
+    torch.save({**dict(format="textteacher-embeddings-v1", embeddings=vectors, keys=list(keys),
+                       level=level, split="train", mean=vectors.mean(0), std=vectors.std(0),
+                       encoder="test", pooling="none", source_sha256="", dataset=""),
+                **changes}, path)
+    return str(path)
+
+
+def bag_of_words(captions, dim=TEXT_DIM):
+    """A stand-in text encoder: the sum of a fixed random vector per word."""
+    def word(w):
+        return torch.randn(dim, generator=torch.Generator().manual_seed(zlib.crc32(w.encode())))
+    return torch.stack([sum(word(w) for w in c.split()) for c in captions])
+
+
+def make_data(base):
+    """(data folder, embeddings file of its 192 training images, their keys) under base."""
+    root = os.path.join(str(base), "pets")
+    keys = write_folder(root)
+    text = write_embeddings(os.path.join(str(base), "text.pt"), keys, image_features(root, keys))
+    return root, text, keys
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """(data folder, embeddings file, training keys), once per test module."""
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def base_args(folder, out, *more):
+    """A small run on the tiny folder with text: 6 steps of 32 per epoch, 2 epochs, the paper's
+    recipe otherwise (LAMB, 3-Augment, CutMix, stochastic depth)."""
+    root, text, _ = folder
+    return ["--data", root, "--text", text, "--img-size", "16", "--patch-size", "8",
+            "--model", "micro", "--batch-size", "32", "--epochs", "2", "--warmup-epochs", "1",
+            "--workers", "0", "--log-every", "10", "--threads", "1", "--out-dir", str(out),
+            *more]
+
+
+# every source of randomness on: stochastic depth, CutMix, 3-Augment (6 steps of 32 per epoch)
+RANDOM = ["--drop-path", "0.1", "--cutmix", "1.0", "--augment", "3aug"]
+CHEAP = ["--augment", "crop", "--cutmix", "0"]  # where augmentation is not the point
+
+
+def sensitive(args):
+    """Make a step proportional to the gradient: AdamW with eps 1 moves each weight by about
+    lr * g / (|g| + 1) ~ g, no clipping, no warm-up; so a gradient scaled by 2 (a missing
+    1 / accum, a sum instead of a mean over ranks) shows in the weights."""
+    return args + ["--optimizer", "adamw", "--opt-eps", "1", "--lr", "1", "--weight-decay", "0",
+                   "--clip-grad", "0", "--warmup-epochs", "0", "--epochs", "1", "--batch-size",
+                   "64", "--drop-path", "0"] + CHEAP
+
+
+# ----------------------------------------------------------------------------
+# running textteacher.py
+
+def run(argv):
+    """textteacher.main in this process; returns the exit code (0 when it returns)."""
+    try:
+        tt.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def cli(*args, cwd=ROOT, script="textteacher.py", timeout=300, **popen):
+    """The command line as a user types it, offline: a CompletedProcess with text output."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env, **popen)
+
+
+def one_line(stderr):
+    """The single line of stderr (asserting that there is exactly one)."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def fails(capsys, argv, code=2):
+    """Run in this process; assert the exit code and exactly one stderr line; return it."""
+    capsys.readouterr()
+    got = run(argv)
+    err = capsys.readouterr().err
+    assert got == code, (got, err)
+    return one_line(err)
+
+
+def metrics(run_dir):
+    with open(os.path.join(str(run_dir), "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def untimed(run_dir):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics(run_dir)]
+
+
+def checkpoint(run_dir):
+    return torch.load(os.path.join(str(run_dir), "checkpoint.pt"), weights_only=True)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes: to show that a refused command wrote nothing."""
+    out = {}
+    for dirpath, _, files in os.walk(str(folder)):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.join(dirpath, name)] = f.read()
+    return out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def interrupt_at_call(monkeypatch, n):
+    """Press Ctrl-C (a real SIGINT to this process) during the n-th call of step_losses."""
+    real, calls = tt.step_losses, []
+
+    def step_losses(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(tt, "step_losses", step_losses)
+    return calls
+
+
+def poison_at_call(monkeypatch, n, value=float("inf")):
+    """Make the loss of the n-th call of step_losses (counted from 1) non-finite."""
+    real, calls = tt.step_losses, []
+
+    def step_losses(*a, **k):
+        calls.append(1)
+        loss, *rest = real(*a, **k)
+        return (loss * value if len(calls) == n else loss), *rest
+    monkeypatch.setattr(tt, "step_losses", step_losses)
+    return calls
+
+
+PAUSING = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import textteacher as tt
+real, calls = tt.step_losses, []
+
+
+def step_losses(*a, **k):  # the command, paused in its {at}-th micro-batch
+    calls.append(1)
+    if len(calls) == {at}:
+        print("PAUSED", flush=True)
+        time.sleep({seconds})
+    return real(*a, **k)
+
+
+tt.step_losses = step_losses
+tt.main(sys.argv[1:])
+"""
+
+
+def start_paused(tmp_path, args, at, seconds=2.0, **popen):
+    """textteacher.py as a command (its main), which prints PAUSED and sleeps in the at-th call
+    of step_losses: a signal sent then arrives at a known step. Returns the Popen."""
+    script = os.path.join(str(tmp_path), "paused.py")
+    with open(script, "w") as f:
+        f.write(PAUSING.format(root=ROOT, at=at, seconds=seconds))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, script, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def wait_for_pause(p, timeout=120):
+    """Read p's stdout until PAUSED (p must be still running)."""
+    import time
+    deadline = time.time() + timeout
+    for line in p.stdout:
+        if line.strip() == "PAUSED":
+            return
+        assert time.time() < deadline, "the run never reached its pause"
+    raise AssertionError(f"the run ended before its pause: {p.wait()} {p.stderr.read()}")
