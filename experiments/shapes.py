@@ -151,6 +151,15 @@ def write_captions(path, split, attrs, kind="full"):
         f.writelines(f"{k}:\t{caption(a, kind)}\n" for k, a in zip(keys(split, len(attrs)), attrs))
 
 
+def embed(attrs, paths, out, kind="full"):
+    """Caption files (paths[split]) in the paper's format, then one embeddings file with the
+    validation captions too, through caption_embed.py."""
+    for split, path in paths.items():
+        write_captions(path, split, attrs[split], kind)
+    caption_embed.main(["--captions", paths["train"], "--val-captions", paths["val"],
+                        "--dataset", "shapes", "--out", out, "--force"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Draw the shapes set with captions, and embed them.")
     p.add_argument("--out", default="data/shapes", help="folder to write (default data/shapes)")
@@ -159,23 +168,9 @@ def main(argv=None):
     if os.path.exists(os.path.join(args.out, "train")) and not args.force:
         sys.exit(f"error: {args.out} already holds the shapes set; pass --force to draw it again")
     attrs = write(args.out)
+    print(f"wrote {sum(n for n, _ in SPLITS.values())} images to {args.out}; captions and text.pt:")
     paths = {split: os.path.join(args.out, f"captions_{split}.txt") for split in SPLITS}
-    for split, path in paths.items():
-        write_captions(path, split, attrs[split])
-    print(f"wrote {sum(n for n, _ in SPLITS.values())} images and their captions to {args.out}")
-    caption_embed.main(
-        [
-            "--captions",
-            paths["train"],
-            "--val-captions",
-            paths["val"],
-            "--dataset",
-            "shapes",
-            "--out",
-            os.path.join(args.out, "text.pt"),
-            "--force",
-        ]
-    )
+    embed(attrs, paths, os.path.join(args.out, "text.pt"))
 
 
 if __name__ == "__main__":

@@ -104,20 +104,7 @@ def prepare(root, data):
         out = os.path.join(root, f"text-{variant}.pt")
         if not os.path.exists(out):
             paths = {s: os.path.join(root, f"captions-{variant}-{s}.txt") for s in attrs}
-            for split, path in paths.items():
-                shapes.write_captions(path, split, attrs[split], variant)
-            caption_embed.main(
-                [
-                    "--captions",
-                    paths["train"],
-                    "--val-captions",
-                    paths["val"],
-                    "--dataset",
-                    "shapes",
-                    "--out",
-                    out,
-                ]
-            )
+            shapes.embed(attrs, paths, out, variant)
 
 
 def work(root, data, worker, workers):
