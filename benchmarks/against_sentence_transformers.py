@@ -5,9 +5,9 @@
 
 Both encode the same captions (5-30 words, drawn from a fixed vocabulary with a fixed seed) with the
 same model files, batch size and threads. The captions go in chunks of 500; for every chunk the two
-take turns, in alternating order, so that a slow phase of the machine hits both. Reported: captions/s
-(median over chunks), the median of per-chunk speed ratios, and the largest difference between the
-two sets of vectors (all captions in one call each).
+take turns, in alternating order, so that a slow phase of the machine hits both. Reported:
+captions/s (median over chunks), the median of per-chunk speed ratios, and the largest difference
+between the two sets of vectors (all captions in one call each).
 """
 
 import argparse
@@ -25,8 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import caption_embed  # noqa: E402
 
 WORDS = (
-    "a the dog cat man woman child red blue large small old standing sitting running near on under beside "
-    "field street table water sky tree car bus boat bird plate food with and of in two three people holding "
+    "a the dog cat man woman child red blue large small old standing sitting running near on "
+    "under beside "
+    "field street table water sky tree car bus boat bird plate food with and of in two three "
+    "people holding "
     "looking white black green wooden kitchen beach snow grass building train horse player ball"
 ).split()
 
@@ -72,7 +74,8 @@ def main(argv=None):
     for name in names:
         run(name, texts[:64], 32)  # warm-up
     print(
-        f"{args.encoder}, {args.captions} captions of 5-30 words, cpu, {torch.get_num_threads()} threads; "
+        f"{args.encoder}, {args.captions} captions of 5-30 words, cpu, {torch.get_num_threads()} "
+        "threads; "
         f"{args.rounds} rounds of chunks of {args.chunk}"
     )
     result = {}
@@ -96,8 +99,10 @@ def main(argv=None):
             speed_ratio=ratio, max_abs_difference=gap, **{f"{n}_per_s": v for n, v in rate.items()}
         )
         print(
-            f"  batch {batch_size:3d}  caption_embed {rate[names[0]]:6.1f} captions/s, sentence-transformers "
-            f"{rate[names[1]]:6.1f} captions/s: caption_embed is {ratio:.3f}x as fast; vectors differ by at most {gap:.1e}"
+            f"  batch {batch_size:3d}  caption_embed {rate[names[0]]:6.1f} captions/s, "
+            "sentence-transformers "
+            f"{rate[names[1]]:6.1f} captions/s: caption_embed is {ratio:.3f}x as fast; vectors "
+            f"differ by at most {gap:.1e}"
         )
     return result
 

@@ -1,7 +1,7 @@
-"""The training step of textteacher's ViT against timm's VisionTransformer, side by side in one process.
+"""The training step of textteacher's ViT against timm's VisionTransformer, side by side.
 
     pip install timm    # for this script only; the project does not depend on it
-    python benchmarks/against_timm.py                       # ViT-Ti/4, 32 px, batch 128, AdamW, eager
+    python benchmarks/against_timm.py              # ViT-Ti/4, 32 px, batch 128, AdamW, eager
     python benchmarks/against_timm.py --compile             # also both models under torch.compile
 
 Both models have the same configuration (textteacher.timm_kwargs) and the same weights: ours are
@@ -71,7 +71,8 @@ def main(argv=None):
         gap = (ours.eval()(x[:8]) - theirs.eval()(x[:8])).abs().max().item()
     if gap > 1e-4:
         sys.exit(
-            f"error: the two models disagree by {gap:.2e} with the same weights; not comparing their speed"
+            f"error: the two models disagree by {gap:.2e} with the same weights; not comparing "
+            "their speed"
         )
     models = {"timm": theirs, "textteacher": ours}
     if args.compile:
@@ -111,8 +112,10 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t)
 
     print(
-        f"ViT-{args.model}/{args.patch_size} at {args.img_size}px, batch {args.batch_size}, AdamW, cpu, "
-        f"{torch.get_num_threads()} threads, fp32; {args.steps} steps per model after {args.warmup} warm-up steps; "
+        f"ViT-{args.model}/{args.patch_size} at {args.img_size}px, batch {args.batch_size}, "
+        "AdamW, cpu, "
+        f"{torch.get_num_threads()} threads, fp32; {args.steps} steps per model after "
+        f"{args.warmup} warm-up steps; "
         f"same weights: logits agree to {gap:.1e}"
     )
     result = {"logit_gap": gap}
@@ -129,7 +132,8 @@ def main(argv=None):
         )
         print(
             f"  {name:22s} {result[name]['images_per_s']:6.1f} img/s   speed vs timm eager "
-            f"{result[name]['speed_vs_timm']:.3f}x (middle half of the rounds {low:.3f}-{high:.3f}x)"
+            f"{result[name]['speed_vs_timm']:.3f}x (middle half of the rounds "
+            f"{low:.3f}-{high:.3f}x)"
         )
     return result
 

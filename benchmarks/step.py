@@ -26,13 +26,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import textteacher as tt  # noqa: E402
-from textteacher import build_model, build_optimizer, compute_setup, step_losses, UserError  # noqa: E402
+from textteacher import UserError, build_model, build_optimizer, compute_setup, step_losses  # noqa
 
 BENCH_TEXT_DIM = 768  # the width of the benchmark's random targets: a BERT-base text encoder's
 
 
 def synchronize(device):
-    """Wait for the device's queued work: a timer must stop when the work is done, not when it is queued."""
+    """Wait for the device's queued work: a timer must stop when the work is done, not queued."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -98,7 +98,8 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
     micro = cfg.batch_size // cfg.accum
     if micro < 2 or micro * cfg.accum != cfg.batch_size:
         raise UserError(
-            f"--batch-size {cfg.batch_size} must be a multiple of --accum {cfg.accum} with at least 2 images per micro-batch"
+            f"--batch-size {cfg.batch_size} must be a multiple of --accum {cfg.accum} with at "
+            "least 2 images per micro-batch"
         )
     torch.manual_seed(cfg.seed)
     images = torch.randn(micro, 3, cfg.img_size, cfg.img_size, device=device)
@@ -119,7 +120,7 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
     )
 
     def training_step(text_dim):
-        """A fresh model and optimiser, and a function doing one optimiser step of the loop with them."""
+        """A fresh model and optimiser, and a function doing one step of the loop with them."""
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, num_classes, text_dim).to(device)
         optimizer = build_optimizer(cfg, model, device)
@@ -235,19 +236,24 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
     r["train_utilisation"] = r["baseline_images_per_s"] * train_flops / peak
     r["inference_utilisation"] = r["inference_images_per_s"] * forward_flops / peak
     print(
-        f"  parameters     {r['parameters'] / 1e6:.2f}M in the ViT; the text head adds {r['text_head_parameters'] / 1e6:.2f}M "
+        f"  parameters     {r['parameters'] / 1e6:.2f}M in the ViT; the text head adds "
+        f"{r['text_head_parameters'] / 1e6:.2f}M "
         f"({BENCH_TEXT_DIM}-d targets) and is dropped at export"
     )
     print(
-        f"  FLOPs / image  {forward_flops / 1e9:.3f} G forward, {train_flops / 1e9:.3f} G training (forward + backward), by FlopCounterMode"
+        f"  FLOPs / image  {forward_flops / 1e9:.3f} G forward, {train_flops / 1e9:.3f} G "
+        "training (forward + backward), by FlopCounterMode"
     )
     print(
-        f"  training       baseline {r['baseline_images_per_s']:.1f} img/s, TextTeacher {r['textteacher_images_per_s']:.1f} img/s: "
-        f"per repeat, TextTeacher's step took a median {ratio:.3f}x the baseline's ({ratio - 1:+.1%}; "
+        f"  training       baseline {r['baseline_images_per_s']:.1f} img/s, TextTeacher "
+        f"{r['textteacher_images_per_s']:.1f} img/s: "
+        f"per repeat, TextTeacher's step took a median {ratio:.3f}x the baseline's "
+        f"({ratio - 1:+.1%}; "
         f"middle half of the repeats {spread[0]:.3f}-{spread[1]:.3f}x)"
     )
     print(
-        f"  text objective {r['text_objective_ms']:.2f} ms per step on its own (text head, loss, adaptive weight and their "
+        f"  text objective {r['text_objective_ms']:.2f} ms per step on its own (text head, loss, "
+        "adaptive weight and their "
         f"backward, timed from F): {r['text_objective_share']:.2%} of TextTeacher's step"
     )
     print(f"  inference      {r['inference_images_per_s']:.1f} img/s")
@@ -257,7 +263,8 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
         + " while training TextTeacher)"
     )
     print(
-        f"  matmul peak    {peak / 1e9:.0f} GFLOP/s measured ({str(dtype).removeprefix('torch.')}); model FLOPs utilisation: "
+        f"  matmul peak    {peak / 1e9:.0f} GFLOP/s measured "
+        f"({str(dtype).removeprefix('torch.')}); model FLOPs utilisation: "
         f"training {r['train_utilisation']:.0%}, inference {r['inference_utilisation']:.0%}"
     )
     return r

@@ -249,7 +249,8 @@ def summarize(runs, arms, seeds):
             )
             d, b = entry["final_diff"], entry["best_diff"]
             lines.append(
-                f"{arm} - baseline: final top1 {d[0]:+.2f} +- {d[1]:.2f}, best {b[0]:+.2f} +- {b[1]:.2f} "
+                f"{arm} - baseline: final top1 {d[0]:+.2f} +- {d[1]:.2f}, best {b[0]:+.2f} +- "
+                f"{b[1]:.2f} "
                 f"(std over {len(seeds)} seeds); {entry['seconds_per_epoch']:.1f} s/epoch vs "
                 f"{base_time:.1f} s"
                 + (

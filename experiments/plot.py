@@ -37,7 +37,8 @@ def plot_runs(paths, out):
             )
     if not runs:
         sys.exit(
-            f"error: no run with a metrics.jsonl in {' '.join(paths)}; pass run folders such as runs/NAME"
+            f"error: no run with a metrics.jsonl in {' '.join(paths)}; pass run folders such as "
+            "runs/NAME"
         )
     fig, (acc, txt) = plt.subplots(1, 2, figsize=(11, 4))
     for i, run in enumerate(runs):

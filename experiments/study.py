@@ -91,7 +91,9 @@ def runs(root):
                     cell["captions"],
                 )
     # the patch 4 pair of seed 0 first, then every patch 8 run, then the other patch 4 pairs
-    order = lambda item: (item[1][0]["patch_size"] == 4) * (1 + 2 * (item[1][0]["seed"] > 0))  # noqa: E731
+    def order(item):
+        changes = item[1][0]
+        return (changes["patch_size"] == 4) * (1 + 2 * (changes["seed"] > 0))
     return sorted(out.items(), key=lambda item: -order(item) if order(item) == 1 else order(item))
 
 
@@ -166,7 +168,8 @@ def report(root, docs):
     for r in rows:
         lines.append(
             f"| {r['cell']} | {r['noise']} | {r['baseline'][0]:.1f} | {r['textteacher'][0]:.1f} | "
-            f"**{r['diff'][0]:+.1f} ± {r['diff'][1]:.1f}** | {r['early'][0]:+.1f} ± {r['early'][1]:.1f} | "
+            f"**{r['diff'][0]:+.1f} ± {r['diff'][1]:.1f}** | {r['early'][0]:+.1f} ± "
+            f"{r['early'][1]:.1f} | "
             f"{r['retrieval_top1'][0]:.1f} | {r['cos_match'][0]:.3f} | {r['cos_other'][0]:.3f} |"
         )
     os.makedirs(docs, exist_ok=True)
