@@ -266,7 +266,7 @@ class TextEncoder:
         # Right padding on purpose: the first token is then [CLS] and the last real one sits at
         # length - 1 in every row, and a causal model's positions are not shifted by padding.
         self.tokenizer.padding_side = "right"
-        # Without a sentence-transformers config, masked mean pooling, as METHOD.md says.
+        # Without a sentence-transformers config: masked mean pooling, the method's rule.
         st = st_pipeline(source) or ("mean_tokens", False, None, False)
         self.mode, self.normalize, max_len, self.lower = st
         limits = max_len, self.tokenizer.model_max_length, model.config.max_position_embeddings
