@@ -35,7 +35,6 @@ Measured here on 2 shared CPU cores: BLIP-L's architecture (random weights, 12-t
 3 beams) takes about 3 s per image, 5 minutes per 100 images; the tests' tiny model does 100
 in about 2 s. Captioning CIFAR-100 or ImageNet is a GPU job (README.md has the estimates).
 """
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -52,16 +51,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import textteacher
-from textteacher import UserError
+from textteacher import Parser, UserError  # one-line argument errors, as in the trainer
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 COCA_PRETRAINED = "mscoco_finetuned_laion2B-s13B-b90k"  # the paper's CoCa: fine-tuned on COCO
 SOT, EOT = 49406, 49407  # CLIP's <start_of_text> and <end_of_text>, between which CoCa writes
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other input error here
-        raise UserError(f"{message} (see --help)")
 
 
 def parse_args(argv=None):

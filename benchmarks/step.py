@@ -13,7 +13,6 @@ model-FLOPs utilisation. Both arms run the training loop's own step_losses, back
 and optimiser on the loop's device, precision and compilation (textteacher.compute_setup).
 """
 
-import contextlib
 import os
 import statistics
 import sys

@@ -48,12 +48,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-import caption_embed  # noqa: E402
 import compare  # noqa: E402
 import shapes  # noqa: E402
 import textteacher as tt  # noqa: E402
