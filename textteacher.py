@@ -29,7 +29,6 @@ plots, benchmarks/ measures speed.
 import argparse
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import json
 import math
@@ -39,9 +38,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -78,14 +75,13 @@ MODEL_SIZES = {"micro": (128, 6, 4), "tiny": (192, 12, 3), "small": (384, 12, 6)
 def opt(default, help, allowed=None):
     """A field with its help, and what it allows: a tuple of choices, or an interval such as
     "[1, inf)" whose "(" excludes the lower bound (every upper bound is excluded)."""
-    return field(default=default, metadata=dict(help=help, allowed=allowed))
+    return dataclasses.field(default=default, metadata=dict(help=help, allowed=allowed))
 
 
 POSITIVE, COUNT, UNIT = "(0, inf)", "[0, inf)", "[0, 1)"
-JUMP = r"jump-(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)"  # the schedule jump-A-B-R
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # data
     data: str = opt("imagenet", "imagenet | cifar100 | shapes | PATH with train/ and val/")
@@ -163,11 +159,10 @@ def parse_config(argv=None):
                     epilog=f"presets: {', '.join(PRESETS)}; see one's defaults: --data NAME -h")
     for f in dataclasses.fields(Config):
         allowed, default = f.metadata["allowed"], preset.get(f.name, f.default)
-        args = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
-        choices = allowed if isinstance(allowed, tuple) else None
-        args.update(action=argparse.BooleanOptionalAction) if f.type is bool else args.update(
-            type=f.type, metavar=f.name.upper(), choices=choices)
-        parser.add_argument("--" + f.name.replace("_", "-"), **args)
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
+            type=f.type, choices=allowed if isinstance(allowed, tuple) else None)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} (default: {default})", **kind)
     given = vars(parser.parse_args(argv))
     return Config(**{**preset, **given}), set(given)
 
@@ -188,10 +183,7 @@ def check_config(cfg):
     micro, split = divmod(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)) * cfg.accum)
     need(not split and (micro > 1 or not cfg.text), f"--batch-size {cfg.batch_size} must split "
          "into batches of 2 or more images over the processes and --accum steps")
-    jump = re.fullmatch(JUMP, cfg.lambda_schedule)
-    need(cfg.lambda_schedule in ("constant", "linear", "cosine", "fullcosine") or jump and float(
-        jump[1]) <= float(jump[2]), f"--lambda-schedule {cfg.lambda_schedule!r} is not constant, "
-         "linear, cosine, fullcosine or jump-A-B-R with A <= B (e.g. jump-30-50-0)")
+    lambda_at(cfg, 0)  # a schedule it cannot read is a UserError
 
 
 # ----------------------------------------------------------------------------
@@ -340,13 +332,6 @@ class TextTargets:
 # ----------------------------------------------------------------------------
 # Model: a DeiT III ViT with timm's parameter names, and the text head
 
-def PatchEmbed(patch_size, width):
-    """Images [B, 3, H, W] -> patch features [B, width, grid ** 2]: a convolution whose stride is
-    its kernel cuts the image into patches and projects each (named as in timm: .proj)."""
-    proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
-    return nn.Sequential(OrderedDict(proj=proj, flatten=nn.Flatten(2)))
-
-
 class Attention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -362,11 +347,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # shape = [B, N, C]
 
 
-def MLP(width, hidden):
-    fc1, fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
-    return nn.Sequential(OrderedDict(fc1=fc1, act=nn.GELU(), fc2=fc2))  # timm's names
-
-
 class LayerScale(nn.Module):
     """A per-channel residual scale that starts small (1e-4): every block starts near identity,
     which is what lets DeiT III train deep ViTs from scratch."""
@@ -379,21 +359,20 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def DropPath(p):
-    """Stochastic depth: drop a residual branch for whole samples and rescale the kept ones by
-    1 / (1 - p): torchvision's StochasticDepth in its "row" mode is exactly that."""
-    return torchvision.ops.StochasticDepth(p, "row")
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
 
     def __init__(self, width, heads, drop_path, layer_scale):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(width, eps=1e-6), Attention(width, heads)
-        self.norm2, self.mlp = nn.LayerNorm(width, eps=1e-6), MLP(width, 4 * width)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        fc1, fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)  # the MLP, 4x wide
+        self.mlp = nn.Sequential(OrderedDict(fc1=fc1, act=nn.GELU(), fc2=fc2))  # timm's names
         self.ls1, self.ls2 = LayerScale(width, layer_scale), LayerScale(width, layer_scale)
-        self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)
+        # stochastic depth: drop a residual branch for whole samples and rescale the kept ones
+        # by 1 / (1 - p), which is torchvision's StochasticDepth in its "row" mode
+        self.drop_path1 = torchvision.ops.StochasticDepth(drop_path, "row")
+        self.drop_path2 = torchvision.ops.StochasticDepth(drop_path, "row")
 
     def forward(self, x):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
@@ -401,13 +380,20 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """The classifier, and the whole deployed model: no text part lives in it."""
+    """The classifier, and the whole deployed model: no text part lives in it.
+
+    Its initialisation is timm's, which DeiT III and the paper's ViT inherit: truncated normal
+    (std 0.02) for linear weights and the position embedding, zero biases, unit norms, and the
+    CLS token normal with std 1e-6 (it starts as an almost empty query, not as content). The
+    patch convolution keeps PyTorch's default."""
 
     def __init__(self, num_classes, img_size=224, patch_size=16, width=384, depth=12, heads=6,
                  layer_scale=1e-4, drop_path=0.0):
         super().__init__()
-        self.width = width
-        self.patch_embed = PatchEmbed(patch_size, width)
+        # a convolution whose stride is its kernel cuts the image into patches and projects
+        # each: [B, 3, H, W] -> [B, width, grid ** 2] (with timm's names: patch_embed.proj)
+        proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = nn.Sequential(OrderedDict(proj=proj, flatten=nn.Flatten(2)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         # a position embedding for the patch tokens only: the CLS token has none (DeiT III)
         self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2, width))
@@ -415,7 +401,12 @@ class ViT(nn.Module):
         self.blocks = nn.Sequential(*[Block(width, heads, r, layer_scale) for r in rates])
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, num_classes)
-        init_weights(self)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
 
     def forward_features(self, x):
         """Images [B, 3, H, W] -> F, the post-norm CLS feature [B, width] both heads read."""
@@ -425,19 +416,6 @@ class ViT(nn.Module):
 
     def forward(self, x):
         return self.head(self.forward_features(x))  # shape = [B, num_classes]
-
-
-def init_weights(vit):
-    """timm's initialisation, which DeiT III and the paper's ViT inherit: truncated normal
-    (std 0.02) for linear weights and the position embedding, zero biases, unit norms, and the
-    CLS token normal with std 1e-6 (it starts as an almost empty query, not as content). The
-    patch convolution keeps PyTorch's default; the text head is not touched here."""
-    for m in vit.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-    nn.init.trunc_normal_(vit.pos_embed, std=0.02)
-    nn.init.normal_(vit.cls_token, std=1e-6)
 
 
 class TextTeacher(nn.Module):
@@ -450,8 +428,8 @@ class TextTeacher(nn.Module):
     def __init__(self, vit, text_dim=0, freeze=False):
         super().__init__()
         self.vit = vit
-        head = nn.Linear(vit.width, text_dim).requires_grad_(not freeze) if text_dim else None
-        self.text_head = head
+        width = vit.head.in_features  # the width of F
+        self.text_head = nn.Linear(width, text_dim).requires_grad_(not freeze) if text_dim else None
 
     def forward(self, x):
         return self.heads(self.vit.forward_features(x))
@@ -531,18 +509,21 @@ def lambda_at(cfg, epoch):
                      fullcosine=lam / 2 * (1 + math.cos(pi * e / E)))
     if name in schedules:
         return schedules[name]
-    a, b, r = (float(x) for x in re.fullmatch(JUMP, name).groups())  # check_config checked it
+    jump = re.fullmatch(r"jump-(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)-(\d+(?:\.\d*)?)", name)
+    need(jump and float(jump[1]) <= float(jump[2]), f"--lambda-schedule {name!r} is not constant,"
+         " linear, cosine, fullcosine or jump-A-B-R with A <= B (e.g. jump-30-50-0)")
+    a, b, r = (float(x) for x in jump.groups())
     return lam if e <= a else r * lam if e >= b else lam * (1 - (1 - r) * (e - a) / (b - a))
 
 
-def cutmix(images, alpha, seed):
+def cutmix(images, alpha):
     """CutMix with one lambda per batch and the flipped batch as partner (timm's rule): a box of
     the partner is pasted in and lambda corrected to the pasted area. Returns (images, lam).
-    Deterministic given the seed, so a checkpoint needs no state for it."""
-    rng = np.random.default_rng(seed)
-    lam, (H, W) = rng.beta(alpha, alpha), images.shape[-2:]
+    It draws from torch's RNG, which train() seeds for every micro-batch from its place in the
+    run: a resumed run draws the same boxes, and a checkpoint needs no state for them."""
+    lam, (H, W) = torch.distributions.Beta(alpha, alpha).sample().item(), images.shape[-2:]
     ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-    cy, cx = rng.integers(H), rng.integers(W)
+    cy, cx = torch.randint(H, ()).item(), torch.randint(W, ()).item()
     y1, y2 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
     x1, x2 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
     images = images.clone()
@@ -585,8 +566,8 @@ class Lamb(torch.optim.Optimizer):
                 continue
             # the formula on all tensors of the group at once: a torch._foreach_ call is one
             # operation on a list of tensors, where a loop would launch kernels per tensor
-            g, m, v, t = ([p.grad for p in params], *([self.state[p][k] for p in params]
-                                                      for k in ("m", "v", "step")))
+            g = [p.grad for p in params]
+            m, v, t = ([self.state[p][k] for p in params] for k in ("m", "v", "step"))
             torch._foreach_lerp_(m, g, 1 - b1)  # m + (1 - b1) (g - m) = b1 m + (1 - b1) g
             torch._foreach_lerp_(v, torch._foreach_mul(g, g), 1 - b2)  # b2 v + (1 - b2) g^2
             v_hat = torch._foreach_div(v, [1 - b2 ** s for s in t])
@@ -605,14 +586,12 @@ def build_optimizer(cfg, model, device):
     are exempt (decay would pull the learned tokens and residual scales toward zero)."""
     groups = [dict(params=[], weight_decay=cfg.weight_decay), dict(params=[], weight_decay=0.0)]
     for name, p in model.named_parameters():
-        exempt = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))
-        if p.requires_grad:
-            groups[exempt]["params"].append(p)
+        if p.requires_grad:  # a frozen text head is not trained: in neither group
+            groups[p.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))]["params"].append(p)
     if cfg.optimizer == "lamb":
         return Lamb(groups, lr=cfg.lr, eps=cfg.opt_eps)
     # fused: one pass over all tensors, not a dozen small operations per tensor
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.opt_eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.opt_eps, fused=device.type != "mps")
 
 
 def lr_at(cfg, epoch):
@@ -639,9 +618,9 @@ def lr_at(cfg, epoch):
 def save_atomic(write, path):
     """write(file) into a temporary file beside path, then rename it into place: a crash
     mid-write leaves the previous file whole, never a torn one (a SIGKILL may leave the
-    temporary file, which --resume removes). A failed write (a full disk, no permission) is
-    reported in one line with the path and its cause."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    temporary file, which nothing reads and the next save of the same file replaces). A failed
+    write (a full disk, no permission) is reported in one line with the path and its cause."""
+    tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -713,7 +692,6 @@ def export(vit, args, classes, out_dir):
                   input=dict(size=args["img_size"], mean=IMAGENET[0], std=IMAGENET[1]))
     text = json.dumps(config, indent=2)
     save_atomic(lambda f: f.write(text.encode()), os.path.join(out_dir, "config.json"))
-    return out_dir
 
 
 # ----------------------------------------------------------------------------
@@ -783,8 +761,6 @@ def open_run(cfg, given, rank):
         setattr(cfg, k, saved[k])
     if changed and rank == 0:
         print("resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-    for leftover in glob.glob(os.path.join(os.path.dirname(path), "*.tmp[0-9]*")) * (rank == 0):
-        os.remove(leftover)  # a file a process killed mid-save left: torn, and never read
     return ckpt, writable(os.path.dirname(path), os.path.dirname(path))
 
 
@@ -818,10 +794,9 @@ def train(cfg, given=(), targets=None, on_epoch=None):
     need(steps_per_epoch > 0, f"--batch-size {cfg.batch_size} is more than the {n_train} images")
     sampler = EpochSampler(n_train, cfg.batch_size, cfg.accum, rank, world, cfg.seed)
     workers = cfg.workers if cfg.workers >= 0 else min(8, (os.cpu_count() or 2) // world)
-    # The loaders' own generator: the workers' seeds come from the run's seed, not from the
-    # global RNG (augmentation is seeded per sample anyway, by the sampler).
+    # No worker seeds to keep: augmentation is seeded per sample, by the sampler
     loader = dict(num_workers=workers, pin_memory=device.type == "cuda",
-                  persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+                  persistent_workers=workers > 0)
     train_loader = DataLoader(Samples(train_set, labels, cfg.img_size, train_transform(cfg)),
                               batch_size=micro, sampler=sampler, **loader)
     val_loader = DataLoader(Samples(val_set, targets_of(val_set), cfg.img_size),
@@ -844,18 +819,13 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         print(f"run {run_dir}: {n_train} images, {target_dim}-d targets (0: the baseline), {world}"
               f" process(es) x {cfg.accum} accum x {micro} = batch {cfg.batch_size}, {device}")
 
-    def average_sums():  # the logged losses of all ranks' images, not of rank 0's alone
-        if ddp:
-            dist.all_reduce(sums)
-            sums.div_(world)
-
     def checkpoint(epoch, step):
         """Everything that decides the rest of the run (no RNG state: every random draw is a
         function of the seed and the position), written by rank 0 once the finiteness check
-        passed: a checkpoint never holds weights that a NaN step touched. Every rank calls it:
-        the loss sums are averaged over ranks."""
-        check_finite(bad, run_dir, model)
-        average_sums()
+        passed: a checkpoint never holds weights that a NaN step touched. Every rank calls it."""
+        check_finite(bad, run_dir)
+        if ddp:  # the loss sums so far, of all ranks' images: every rank restores them on resume
+            dist.all_reduce(sums.div_(world))
         if rank == 0:
             state = dict(format="textteacher-checkpoint-v2", model=model.state_dict(), step=step,
                          optimizer=optimizer.state_dict(), epoch=epoch, sums=sums.cpu(),
@@ -885,15 +855,13 @@ def train(cfg, given=(), targets=None, on_epoch=None):
                 # the micro-batch's place in the global batch: one process with --accum 2 draws
                 # what two processes draw (the same images, CutMix boxes and drop-path masks)
                 part = a * world + rank
-                # stochastic depth draws from torch's RNG: seeded by the position, a resumed run
-                # draws the same masks without any RNG state in the checkpoint
+                # CutMix and stochastic depth draw from torch's RNG: seeded by the position, a
+                # resumed run draws the same boxes and masks without any RNG state to save
                 torch.manual_seed(((cfg.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + part)
                 images, y, index = next(batches)
                 images = normalize(images.to(device, non_blocking=True))
-                y, lam_mix = F.one_hot(y.to(device, non_blocking=True), len(classes)).float(), 1.0
-                if cfg.cutmix > 0:
-                    images, lam_mix = cutmix(images, cfg.cutmix, (cfg.seed, epoch, step, part))
-                    y = mix(y, lam_mix)
+                images, lam_mix = cutmix(images, cfg.cutmix) if cfg.cutmix > 0 else (images, 1.0)
+                y = mix(F.one_hot(y.to(device, non_blocking=True), len(classes)).float(), lam_mix)
                 t = targets(index, labels[index], images, lam_mix) if target_dim else None
                 # DDP averages the gradients on the last micro-batch of a step only
                 with ddp_model.no_sync() if ddp and a < cfg.accum - 1 else contextlib.nullcontext():
@@ -909,9 +877,8 @@ def train(cfg, given=(), targets=None, on_epoch=None):
             step += 1
             if step % cfg.log_every == 0 or step == steps_per_epoch:  # reading waits for the GPU
                 check_finite(bad, run_dir)
-                if not bar.disable:
-                    bar.set_postfix(loss_cls=loss_cls.item(), loss_txt=loss_txt.item())
-                    bar.update(step - bar.n)
+                bar.set_postfix(loss_cls=loss_cls.item(), loss_txt=loss_txt.item())  # synced
+                bar.update(step - bar.n)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < steps_per_epoch:
                 checkpoint(epoch, step)
         bar.close()
@@ -919,7 +886,8 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         # -- end of epoch: evaluate, log, checkpoint --------------------------------------------
         elapsed = time.time() - t0
         top1, top5 = evaluate(model.vit, val_loader, device, autocast, ddp)
-        average_sums()
+        if ddp:  # the logged losses of all ranks' images, not of rank 0's alone
+            dist.all_reduce(sums.div_(world))
         loss_cls, loss_txt, w = (sums / steps_per_epoch).tolist()
         record = dict(epoch=epoch + 1, loss_cls=loss_cls, loss_txt=loss_txt if target_dim else None,
                       w=w if target_dim else None, lr=lr_at(cfg, epoch), top1=top1, top5=top5,
@@ -934,9 +902,9 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         checkpoint(epoch, step)
 
     if rank == 0:  # the deployed model: the plain ViT, no text head
-        out = export(model.vit, model_args(cfg, len(classes)), classes, f"{run_dir}/export")
+        export(model.vit, model_args(cfg, len(classes)), classes, f"{run_dir}/export")
         print(f"final top1 {history[-1]['top1']:.2f}, best {history[-1]['best_top1']:.2f}; the ViT "
-              f"without its text head is in {out}", flush=True)
+              f"without its text head is in {run_dir}/export", flush=True)
     if ddp:
         dist.destroy_process_group()
     return run_dir
@@ -948,14 +916,14 @@ def epoch_line(r, cfg):
         f"{k} {v:.4g}" for k, v in r.items() if v is not None and k != "epoch")
 
 
-def check_finite(bad, run_dir, model=None):
+def check_finite(bad, run_dir):
     """Stop at the first boundary after a step whose loss or gradient norm was not finite: its
     update was applied, so the weights are spoilt. Every checkpoint is written after this check
-    passed (with model: on the weights too), so the last one is from before the bad step. Under
+    passed, so the last one is from before the bad step. The flag covers every applied update:
+    a step with a finite gradient norm moves finite weights by a bounded amount (AdamW each
+    weight by a few times lr at most, LAMB each tensor by lr times its norm), so they stay
+    finite. Under
     DDP every rank sees the same flag: the gradients, and so their norm, are all-reduced."""
-    if model is not None:
-        norms = torch._foreach_norm([p.detach() for p in model.parameters()])
-        bad = bad | ~torch.isfinite(torch.stack(norms).sum())
     if bad:
         saved = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
         raise Diverged("the loss or the gradient became NaN or infinite; " + (

@@ -182,7 +182,7 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
     # The text objective alone. Everything TextTeacher adds to the step happens after F (text
     # head, contrastive loss, adaptive weight, and their backward), so time that part of both
     # arms from a leaf F: the whole-step ratio above is only as precise as the machine is steady.
-    feat = torch.randn(micro, model.vit.width, device=device)
+    feat = torch.randn(micro, model.vit.head.in_features, device=device)
 
     def after_f(m, t):
         def run():

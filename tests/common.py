@@ -9,7 +9,6 @@ sees 4 patches: a step takes milliseconds.
 """
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -199,19 +198,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def interrupt_at_call(monkeypatch, n):
-    """Press Ctrl-C (a real SIGINT to this process) during the n-th call of step_losses."""
-    real, calls = tt.step_losses, []
-
-    def step_losses(*a, **k):
-        calls.append(1)
-        if len(calls) == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*a, **k)
-    monkeypatch.setattr(tt, "step_losses", step_losses)
-    return calls
 
 
 def poison_at_call(monkeypatch, n, value=float("inf")):

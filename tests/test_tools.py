@@ -421,3 +421,23 @@ def test_shapes_are_drawn_deterministically_with_captions_in_the_papers_format(t
     first = tmp_path / "s" / "train" / shapes.KINDS[labels[0]] / shapes.keys("train", 80)[0]
     from PIL import Image
     assert np.array_equal(np.asarray(Image.open(first)), images[0])  # PNG: lossless
+
+
+# ----------------------------------------------------------------------------
+# README.md
+
+def test_the_readme_table_names_each_part_at_its_true_line():
+    """Every `name` (line) of the README's paper-to-code table is a def, class or assignment
+    of that name at that line of textteacher.py, and every part of the method has a row."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, "textteacher.py")) as f:
+        source = f.read().splitlines()
+    table = readme.split("## The paper, point by point")[1].split("\n## ")[0]
+    cited = re.findall(r"`(\w+)` \((\d+)\)", table)
+    assert len(cited) >= 20
+    for name, line in cited:
+        assert re.match(rf"(def|class) {name}\b|{name} = ", source[int(line) - 1]), (name, line)
+    for part in ("clip_loss", "adaptive_weight", "step_losses", "lambda_at", "cutmix", "mix",
+                 "TextTeacher", "TextTargets", "Lamb", "lr_at", "noisy_labels", "export"):
+        assert part in dict(cited), part
