@@ -877,8 +877,8 @@ def train(cfg, given=(), targets=None, on_epoch=None):
             step += 1
             if step % cfg.log_every == 0 or step == steps_per_epoch:  # reading waits for the GPU
                 check_finite(bad, run_dir)
-                bar.set_postfix(loss_cls=loss_cls.item(), loss_txt=loss_txt.item())  # synced
-                bar.update(step - bar.n)
+                bar.update(step - bar.n)  # then a redraw with the losses (tqdm may skip one)
+                bar.set_postfix(loss_cls=loss_cls.item(), loss_txt=loss_txt.item())
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < steps_per_epoch:
                 checkpoint(epoch, step)
         bar.close()

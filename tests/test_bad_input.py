@@ -19,6 +19,7 @@ import subprocess
 
 import pytest
 import torch
+import tqdm
 from common import (CHEAP, RANDOM, ROOT, TEXT_DIM, assert_same_weights, base_args, checkpoint,
                     cli, fails, folder, metrics, one_line, poison_at_call, run, snapshot,
                     untimed, write_embeddings, write_folder)
@@ -406,9 +407,16 @@ def test_each_epoch_prints_a_labelled_line_that_log_txt_keeps(finished):
 
 
 def test_a_terminal_shows_a_progress_bar_with_the_running_losses(folder, tmp_path, monkeypatch):
+    """Every log boundary redraws the bar with its count and losses, whatever tqdm's own rate
+    limit skips (made to skip every redraw of its own here): the last step is always shown."""
     class Terminal(io.StringIO):
         def isatty(self):
             return True
+
+    class RateLimited(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, mininterval=1e6, **kwargs)
+    monkeypatch.setattr(tqdm, "tqdm", RateLimited)
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     assert run(base_args(folder, tmp_path, *CHEAP, "--epochs", "1", "--log-every", "1",
