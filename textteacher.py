@@ -922,8 +922,8 @@ def check_finite(bad, run_dir):
     passed, so the last one is from before the bad step. The flag covers every applied update:
     a step with a finite gradient norm moves finite weights by a bounded amount (AdamW each
     weight by a few times lr at most, LAMB each tensor by lr times its norm), so they stay
-    finite. Under
-    DDP every rank sees the same flag: the gradients, and so their norm, are all-reduced."""
+    finite. Under DDP every rank sees the same flag: the gradients, and so their norm, are
+    all-reduced."""
     if bad:
         saved = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
         raise Diverged("the loss or the gradient became NaN or infinite; " + (
