@@ -794,7 +794,7 @@ def train(cfg, given=(), targets=None, on_epoch=None):
     need(steps_per_epoch > 0, f"--batch-size {cfg.batch_size} is more than the {n_train} images")
     sampler = EpochSampler(n_train, cfg.batch_size, cfg.accum, rank, world, cfg.seed)
     workers = cfg.workers if cfg.workers >= 0 else min(8, (os.cpu_count() or 2) // world)
-    # No worker seeds to keep: augmentation is seeded per sample, by the sampler
+    # the workers' own RNG seeds do not matter: augmentation is seeded per sample, by the sampler
     loader = dict(num_workers=workers, pin_memory=device.type == "cuda",
                   persistent_workers=workers > 0)
     train_loader = DataLoader(Samples(train_set, labels, cfg.img_size, train_transform(cfg)),
