@@ -8,9 +8,9 @@ At inference the text head is dropped: the exported model is a plain ViT.
 
 Commands (README.md says where captions and embeddings come from, and what these reach):
 
-  # CPU demo, offline, 2.5 minutes on 2 busy cores: the captioned shapes set, half its labels
-  # wrong; TextTeacher ends at 32.0% top-1, the baseline (no --text) at 14.0% (seed 0; over 3
-  # seeds +14.4 +- 3.5 p.p., and -9.4 +- 3.4 with clean labels: README.md, the study)
+  # CPU demo, offline, 3.5 minutes on 2 busy cores: the captioned shapes set, half its labels
+  # wrong; TextTeacher ends at 31.2% top-1, the baseline (no --text) at 12.3% (seed 0; over 3
+  # seeds +14.1 +- 4.6 p.p., and -9.5 +- 3.6 with clean labels: README.md, the study)
   python experiments/shapes.py
   python textteacher.py --data shapes --text data/shapes/text.pt --label-noise 0.5
   python textteacher.py --data shapes --label-noise 0.5
