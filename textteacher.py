@@ -35,7 +35,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 
@@ -48,16 +47,9 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-
-class UserError(Exception):
-    """A mistake in the input (a flag, a path, a file): one line on stderr, exit code 2."""
-    code = 2
-
-
-def need(ok, message):
-    """A check on the input: a one-line UserError with the message unless ok."""
-    if not ok:
-        raise UserError(message)
+import cli  # how every script of the project reports errors, writes files and claims outputs
+import imagesets  # CIFAR-100 and the paper's six transfer sets by name; the image loader
+from cli import UserError, need, save_atomic
 
 
 class Diverged(UserError):
@@ -84,10 +76,15 @@ POSITIVE, COUNT, UNIT = "(0, inf)", "[0, inf)", "[0, 1)"
 @dataclasses.dataclass
 class Config:
     # data
-    data: str = opt("imagenet", "imagenet | cifar100 | shapes | PATH with train/ and val/")
+    data: str = opt("imagenet", "a name of PRESETS (imagenet, cifar100, shapes, the transfer "
+                    "sets) | PATH with train/ and val/")
     data_dir: str = opt("data/imagenet", "root of a named --data (PATH: not used)")
+    split: str = opt("official", "transfer sets' training split: official (the paper's code) | "
+                     "trainval (the common protocol)", ("official", "trainval"))
     text: str = opt("", "embeddings file of caption_embed.py; none: the baseline")
     # model
+    init: str = opt("", "start from trained weights (transfer): a run folder, checkpoint or "
+                    "export/; the ViT's size and patch come from it")
     model: str = opt("small", "ViT size (MODEL_SIZES in textteacher.py)", tuple(MODEL_SIZES))
     img_size: int = opt(224, "input resolution in pixels", "[1, inf)")
     patch_size: int = opt(16, "patch side in pixels", "[1, inf)")
@@ -139,6 +136,7 @@ PRESETS = {
                    batch_size=64, warmup_epochs=0, drop_path=0.0, cutmix=0.0, augment="none",
                    workers=0, log_every=10),
 }
+PRESETS.update(imagesets.TRANSFER_PRESETS)  # the transfer sets' fine-tuning recipe
 # What a resumed run may change: how it computes; the learning rate and clipping, which rescue
 # a diverged run (the change is printed); and where its inputs are, if they are the same.
 RESUME_FREE = {"workers", "threads", "device", "compile", "ckpt_every", "log_every", "resume",
@@ -164,7 +162,19 @@ def parse_config(argv=None):
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} (default: {default})", **kind)
     given = vars(parser.parse_args(argv))
-    return Config(**{**preset, **given}), set(given)
+    cfg = Config(**{**preset, **given})
+    if cfg.init and not cfg.resume:  # transfer: the network is the source's, not a flag's
+        a = read_source(cfg.init)[0]
+        size = [n for n, s in MODEL_SIZES.items() if s == (a["width"], a["depth"], a["heads"])]
+        need(size, f"--init {cfg.init} is a ViT of width {a['width']}, depth {a['depth']} and "
+             f"{a['heads']} heads: none of the sizes of --model")
+        if "drop_path" not in given:  # the official code fine-tunes with the source's
+            cfg.drop_path = a.get("drop_path", cfg.drop_path)
+        for k, v in dict(model=size[0], patch_size=a["patch_size"]).items():
+            need(given.get(k, v) == v, f"--init {cfg.init} has {k.replace('_', ' ')} {v}: drop "
+                 f"--{k.replace('_', '-')} {given.get(k)}")
+            setattr(cfg, k, v)
+    return cfg, set(given)
 
 
 def check_config(cfg):
@@ -183,6 +193,8 @@ def check_config(cfg):
     micro, split = divmod(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)) * cfg.accum)
     need(not split and (micro > 1 or not cfg.text), f"--batch-size {cfg.batch_size} must split "
          "into batches of 2 or more images over the processes and --accum steps")
+    need(cfg.threads <= (os.cpu_count() or 1), f"--threads {cfg.threads}: this machine has "
+         f"{os.cpu_count()} cores")  # thousands of threads crash or hang torch
     lambda_at(cfg, 0)  # a schedule it cannot read is a UserError
 
 
@@ -192,28 +204,21 @@ def check_config(cfg):
 IMAGENET = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # mean, std
 
 
-def image_split(data, data_dir, split):
+def image_split(data, data_dir, split, protocol="official"):
     """(dataset, keys, classes) of the split "train" or "val", without transforms: dataset[i]
     is (PIL image, label). keys[i] names sample i in caption and embeddings files: its index
-    for CIFAR-100, its file name in a folder (the paper's ImageNet encodings are keyed so)."""
+    for CIFAR-100, its file name elsewhere (the paper's ImageNet encodings are keyed so)."""
     data_dir = data_dir or PRESETS.get(data, {}).get("data_dir")
-    if data == "cifar100":
-        present = os.path.isdir(os.path.join(data_dir, "cifar-100-python"))
-        try:  # torchvision checks the files' md5 sums, and downloads only what is absent
-            ds = torchvision.datasets.CIFAR100(data_dir, split == "train", download=not present)
-        except (RuntimeError, OSError) as e:
-            raise UserError(f"no readable CIFAR-100 in {data_dir} ({str(e).splitlines()[0]}); pass "
-                            "--data-dir, or delete the folder to download it again") from None
-        return ds, [str(i) for i in range(len(ds))], ds.classes
+    if data in imagesets.NAMED:  # CIFAR-100 and the transfer sets, through torchvision
+        return imagesets.image_split(data, data_dir, split, protocol)
     root = os.path.join(data_dir if data in PRESETS else data, split)
-    try:
-        ds = torchvision.datasets.ImageFolder(root)
+    try:  # imagesets.rgb: ImageFolder's loader, but 16-bit images scaled, not clipped
+        ds = torchvision.datasets.ImageFolder(root, loader=imagesets.rgb)
     except OSError as e:
         raise UserError(f"{root}: {e}; a data folder holds train/ and val/ with one sub-folder "
                         "of images per class") from None
-    keys = [os.path.basename(path) for path, _ in ds.samples]
-    need(len(set(keys)) == len(keys), f"{root}: two images share a file name, their key")
-    return ds, keys, ds.classes
+    need(len(ds.classes) > 1, f"{root} holds one class folder: a classifier needs two or more")
+    return ds, imagesets.file_keys(ds, root), ds.classes
 
 
 class Samples(Dataset):
@@ -301,7 +306,7 @@ class TextTargets:
     otherwise dominate every dot product of the contrastive loss. experiments/ hands train()
     other sources with the same call: controls, and the online vision teacher."""
 
-    def __init__(self, path, keys, class_keys):
+    def __init__(self, path, keys, class_keys, data=""):
         try:  # mmap: the [N, D] matrix stays in the page cache, one copy shared by all ranks
             emb = torch.load(path, mmap=True, weights_only=True)
             with open(path, "rb") as f:
@@ -311,6 +316,9 @@ class TextTargets:
                             "with caption_embed.py") from None
         need(isinstance(emb, dict) and emb.get("format") == "textteacher-embeddings-v1",
              f"{path} is not an embeddings file of caption_embed.py")
+        tag = emb.get("dataset") or ""  # caption_embed.py's --dataset
+        need(tag == data or not {tag, data} <= set(PRESETS), f"{path} holds the text of {tag}, "
+             f"not of {data}: embed {data}'s captions with caption_embed.py")
         self.level, self.encoder, self.vectors = emb["level"], emb["encoder"], emb["embeddings"]
         self.dim, self.mean = self.vectors.shape[1], emb["mean"].float()
         for s in range(0, len(self.vectors), 65536):  # chunked: a small temporary
@@ -446,12 +454,12 @@ class TextTeacher(nn.Module):
 def model_args(cfg, num_classes):
     width, depth, heads = MODEL_SIZES[cfg.model]
     return dict(num_classes=num_classes, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                width=width, depth=depth, heads=heads, layer_scale=cfg.layer_scale)
+                width=width, depth=depth, heads=heads, layer_scale=cfg.layer_scale,
+                drop_path=cfg.drop_path)
 
 
 def build_model(cfg, num_classes, text_dim):
-    vit = ViT(**model_args(cfg, num_classes), drop_path=cfg.drop_path)
-    return TextTeacher(vit, text_dim, cfg.freeze_text_head)
+    return TextTeacher(ViT(**model_args(cfg, num_classes)), text_dim, cfg.freeze_text_head)
 
 
 # ----------------------------------------------------------------------------
@@ -615,38 +623,6 @@ def lr_at(cfg, epoch):
 # ----------------------------------------------------------------------------
 # Checkpoints and export
 
-def save_atomic(write, path):
-    """write(file) into a temporary file beside path, then rename it into place: a crash
-    mid-write leaves the previous file whole, never a torn one (a SIGKILL may leave the
-    temporary file, which nothing reads and the next save of the same file replaces). A failed
-    write (a full disk, no permission) is reported in one line with the path and its cause."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer wraps the OSError in a RuntimeError
-        cause = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(cause, OSError):
-            raise  # not a failed write: a bug
-        raise UserError(f"cannot write {path}: {cause.strerror or cause}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-
-
-def writable(folder, run_dir):
-    """run_dir, once it is clear, in one line, that folder can be written: not after an epoch."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
-    return run_dir
-
-
 def save_run(run_dir, state, texts):
     """The checkpoint, then the files derived from it, among them metrics.jsonl from the
     checkpoint's history: a resumed run never logs an epoch twice."""
@@ -660,6 +636,8 @@ def save_run(run_dir, state, texts):
 def load_checkpoint(path):
     """(checkpoint, its path) from a checkpoint file or the run folder holding checkpoint.pt."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    need(os.path.exists(path) or not os.path.exists(path + ".tmp"), f"{os.path.dirname(path)} "
+         "stopped while writing its first checkpoint: start it again, without --resume")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert ckpt["format"] == "textteacher-checkpoint-v2"
@@ -667,6 +645,50 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"{path} is not a checkpoint of this textteacher.py ({type(e).__name__}); "
                         "pass a checkpoint file or a run folder") from None
+
+
+def read_source(path):
+    """(model_args, the ViT's weights, classes) of a trained model: an export/ folder
+    (config.json and model.safetensors) or what load_checkpoint reads."""
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        ckpt = load_checkpoint(path)[0]  # the text head stays behind: only "vit." is the ViT
+        vit = {k[4:]: v for k, v in ckpt["model"].items() if k.startswith("vit.")}
+        return ckpt["model_args"], vit, ckpt["classes"]
+    try:
+        from safetensors.torch import load_file
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        return config["model_args"], load_file(f"{path}/model.safetensors"), config["classes"]
+    except Exception as e:
+        raise UserError(f"{path} is not an export of this textteacher.py ({type(e).__name__}: "
+                        f"{str(e)[:80]})") from None
+
+
+def resize_pos_embed(pos, grid):
+    """The position embedding [1, g ** 2, C] of a g x g patch grid, resized bicubically to
+    grid x grid as the official code does it (half-pixel centres, no antialiasing): timm's
+    resample_abs_pos_embed with antialias=False (its default antialiases, also upwards)."""
+    g, width = int(pos.shape[1] ** 0.5), pos.shape[2]
+    if g == grid:
+        return pos
+    x = pos.reshape(1, g, g, width).permute(0, 3, 1, 2).float()  # shape = [1, C, g, g]
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(1, grid * grid, width)  # shape = [1, grid ** 2, C]
+
+
+def load_source(vit, path, classes):
+    """Transfer: start vit from the weights of --init, its position embedding resized to this
+    run's grid, its class head kept only for the same classes; for others the head keeps its
+    fresh initialisation (truncated normal, std 0.02, bias 0, as the official code's)."""
+    _, state, source_classes = read_source(path)
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], int(vit.pos_embed.shape[1] ** .5))
+    if list(source_classes) != list(classes):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    try:
+        vit.load_state_dict({**vit.state_dict(), **state})
+    except RuntimeError as e:
+        raise UserError(f"the weights in {path} do not fit its own settings ("
+                        f"{str(e).splitlines()[1].strip()[:120]})") from None
 
 
 def timm_kwargs(a):
@@ -739,19 +761,28 @@ def open_run(cfg, given, rank):
     """(checkpoint or None, run folder). --resume: the checkpoint's settings apply, but for the
     flags given that RESUME_FREE lets change, which are printed. Else a new folder name, which
     must be free; the folder itself is made with the first checkpoint, so a run that fails
-    before one leaves nothing behind that would block its --name."""
+    before one leaves nothing behind that would block its --name (a folder holding only the
+    temporary file of a first checkpoint cut short counts as free). Rank 0 claims the folder
+    (cli.lock) for as long as it runs."""
     if not cfg.resume:  # absolute paths in config.json: a run can be resumed from anywhere
         cfg.data = cfg.data if cfg.data in PRESETS else os.path.abspath(cfg.data)
-        cfg.data_dir, cfg.text = (p and os.path.abspath(p) for p in (cfg.data_dir, cfg.text))
+        cfg.data_dir, cfg.text, cfg.init = (p and os.path.abspath(p) for p in (
+            cfg.data_dir, cfg.text, cfg.init))
         data = os.path.basename(cfg.data.rstrip("/"))
         box = [cfg.name or f"{data}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if dist.is_initialized():  # rank 0's default name: the ranks' clocks may differ
             dist.broadcast_object_list(box)
         cfg.name, run_dir = box[0], os.path.join(cfg.out_dir, box[0])
-        need(not os.path.exists(run_dir), f"{run_dir} holds a run: continue it with --resume "
-             f"{run_dir}, or choose another --name")
-        return None, writable(cfg.out_dir, run_dir)
+        if rank == 0:  # one process per run folder: a second one is refused, named the first
+            cli.lock(run_dir, "--name")
+        # a folder with only a torn temporary file: its first checkpoint was never written
+        need(not os.path.exists(run_dir) or all(f.endswith(".tmp") for f in os.listdir(run_dir)),
+             f"{run_dir} holds a run: continue it with --resume {run_dir}, or choose another "
+             "--name")
+        return None, run_dir
     ckpt, path = load_checkpoint(cfg.resume)
+    if rank == 0:
+        cli.lock(cli.writable(os.path.dirname(path)), "run")
     saved = ckpt["config"]
     changed = {k: (saved[k], getattr(cfg, k)) for k in sorted(set(given) - {"resume"})
                if getattr(cfg, k) != saved[k]}
@@ -761,15 +792,17 @@ def open_run(cfg, given, rank):
         setattr(cfg, k, saved[k])
     if changed and rank == 0:
         print("resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-    return ckpt, writable(os.path.dirname(path), os.path.dirname(path))
+    return ckpt, os.path.dirname(path)
 
 
-def train(cfg, given=(), targets=None, on_epoch=None):
+@cli.releasing  # the run folder's claim ends with train(), however it ends
+def train(cfg, given=(), targets=None, on_epoch=None, objective=None):
     """Train, evaluate every epoch, checkpoint, export; returns the run folder.
 
     The seams for the tools beside this file: `targets` replaces the text targets by another
-    source (called like TextTargets, with a `dim`), `on_epoch(record, model)` may add entries
-    to each epoch's record before it is logged."""
+    source (called like TextTargets, with a `dim`: the text head's width, 0 for none),
+    `objective` replaces step_losses (same call and return: the distillation arms), and
+    `on_epoch(record, model)` may add entries to each epoch's record before it is logged."""
     # One distributed path: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; else one process.
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
@@ -780,16 +813,22 @@ def train(cfg, given=(), targets=None, on_epoch=None):
 
     # -- data: the samples with their (possibly noisy) labels, and the text targets ----------
     (train_set, keys, classes), (val_set, _, val_classes) = (
-        image_split(cfg.data, cfg.data_dir, split) for split in ("train", "val"))
+        image_split(cfg.data, cfg.data_dir, split, cfg.split) for split in ("train", "val"))
     need(val_classes == classes, f"the class folders of val/ and train/ of {cfg.data} differ")
     n_train, n_val, targets_of = len(train_set), len(val_set), lambda ds: torch.tensor(ds.targets)
-    labels, flipped = noisy_labels(targets_of(train_set), len(classes), cfg.label_noise, cfg.seed)
+    true = targets_of(train_set)  # the clean labels: class-level text is looked up by these
+    labels, flipped = noisy_labels(true, len(classes), cfg.label_noise, cfg.seed)
+    # the training split's fingerprint: images added, removed or moved between classes since
+    # the checkpoint would silently change the run
+    split_sha = hashlib.sha256(repr(list(zip(keys, true.tolist()))).encode()).hexdigest()
     if cfg.text and cfg.text_loss_lambda > 0 and targets is None:
-        targets = TextTargets(cfg.text, keys, classes)
+        targets = TextTargets(cfg.text, keys, classes, cfg.data)
     sha256, target_dim = getattr(targets, "sha256", None), targets.dim if targets else 0
-    need(not ckpt or [sha256, target_dim, classes] == [ckpt["text_sha256"], ckpt["text_dim"],
-         ckpt["classes"]], f"{run_dir} was trained on other classes or text targets (sha256 "
-         f"{ckpt and ckpt['text_sha256']}): resume it with those of its config.json")
+    saved = ckpt and [ckpt.get("split_sha256", split_sha), ckpt["classes"], ckpt["text_sha256"],
+                      ckpt["text_dim"]]
+    need(not ckpt or saved == [split_sha, classes, sha256, target_dim], f"{run_dir} was trained "
+         f"on other images, classes or text targets (text sha256 {saved and saved[2]}): resume "
+         "it with those of its config.json")
     micro, steps_per_epoch = cfg.batch_size // (world * cfg.accum), n_train // cfg.batch_size
     need(steps_per_epoch > 0, f"--batch-size {cfg.batch_size} is more than the {n_train} images")
     sampler = EpochSampler(n_train, cfg.batch_size, cfg.accum, rank, world, cfg.seed)
@@ -811,6 +850,8 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, step, history, sums = (ckpt[k] for k in ("epoch", "step", "history", "sums"))
+    elif cfg.init:  # transfer: the trained ViT of --init, everything else a new run
+        load_source(model.vit, cfg.init, classes)
     sums = sums.to(device)
     ddp_model = nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
@@ -831,7 +872,7 @@ def train(cfg, given=(), targets=None, on_epoch=None):
                          optimizer=optimizer.state_dict(), epoch=epoch, sums=sums.cpu(),
                          history=history, config=dataclasses.asdict(cfg), text_dim=target_dim,
                          model_args=model_args(cfg, len(classes)), classes=classes,
-                         text_sha256=sha256)
+                         text_sha256=sha256, split_sha256=split_sha)
             encoder = getattr(targets, "encoder", None)
             config = json.dumps(dict(state["config"], text_sha256=sha256, encoder=encoder))
             log = "".join(epoch_line(r, cfg) + "\n" for r in history)
@@ -862,11 +903,11 @@ def train(cfg, given=(), targets=None, on_epoch=None):
                 images = normalize(images.to(device, non_blocking=True))
                 images, lam_mix = cutmix(images, cfg.cutmix) if cfg.cutmix > 0 else (images, 1.0)
                 y = mix(F.one_hot(y.to(device, non_blocking=True), len(classes)).float(), lam_mix)
-                t = targets(index, labels[index], images, lam_mix) if target_dim else None
+                t = targets(index, true[index], images, lam_mix) if targets else None
                 # DDP averages the gradients on the last micro-batch of a step only
                 with ddp_model.no_sync() if ddp and a < cfg.accum - 1 else contextlib.nullcontext():
-                    loss, loss_cls, loss_txt, w = step_losses(train_model, images, y, t, lam, cfg,
-                                                              autocast)
+                    loss, loss_cls, loss_txt, w = (objective or step_losses)(
+                        train_model, images, y, t, lam, cfg, autocast)
                     (loss / cfg.accum).backward()
                 sums += torch.stack([loss_cls.detach(), loss_txt.detach(), w]) / cfg.accum
             # the gradient norm before clipping (max inf when off: measured, not clipped)
@@ -889,10 +930,10 @@ def train(cfg, given=(), targets=None, on_epoch=None):
         if ddp:  # the logged losses of all ranks' images, not of rank 0's alone
             dist.all_reduce(sums.div_(world))
         loss_cls, loss_txt, w = (sums / steps_per_epoch).tolist()
-        record = dict(epoch=epoch + 1, loss_cls=loss_cls, loss_txt=loss_txt if target_dim else None,
-                      w=w if target_dim else None, lr=lr_at(cfg, epoch), top1=top1, top5=top5,
+        record = dict(epoch=epoch + 1, loss_cls=loss_cls, loss_txt=loss_txt if targets else None,
+                      w=w if targets else None, lr=lr_at(cfg, epoch), top1=top1, top5=top5,
                       best_top1=max([top1] + [r["top1"] for r in history]), epoch_time=elapsed,
-                      images_per_s=n_train / elapsed, **{"lambda": lam if target_dim else 0.0})
+                      images_per_s=n_train / elapsed, **{"lambda": lam if targets else 0.0})
         if on_epoch is not None:
             on_epoch(record, model)
         history.append(record)
@@ -933,19 +974,16 @@ def check_finite(bad, run_dir):
 
 
 def main(argv=None):
-    try:
+    cfg = None
+
+    def run(argv):
+        nonlocal cfg
         cfg, given = parse_config(argv)
         check_config(cfg)
         train(cfg, given)
-    except (UserError, OSError) as e:  # OSError: a file or a disk the user can fix, in one line
-        # An error raised in a DataLoader worker arrives with the worker's traceback in its
-        # text: the user needs only its last line, without the class name
-        print("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1], file=sys.stderr)
-        sys.exit(getattr(e, "code", 2))
-    except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
-        print(f"interrupted; continue from the last checkpoint: --resume {cfg.out_dir}/{cfg.name}",
-              file=sys.stderr)
-        sys.exit(130)
+    # Ctrl-C: checkpoints are written atomically, so the last one is whole
+    cli.run(run, argv, lambda: f"continue from the last checkpoint: --resume {cfg.out_dir}/"
+            f"{cfg.name}" if cfg and cfg.name else "nothing was saved: run the command again")
 
 
 if __name__ == "__main__":
