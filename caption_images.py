@@ -29,7 +29,8 @@ textteacher.py's key order (the CIFAR-100 index, or the image file name), every 
 once: plain text, to read and edit before embedding. OUT.json beside it records the model,
 its revision, the decoding settings and the library versions. A killed run, started again
 with the same command, continues where it stopped: the captions written so far wait in
-OUT.parts/ until the last one is done.
+OUT.parts/ until the last one is done. A second run with the same OUT is refused while the
+first is running, and --force replaces only a caption file this script wrote.
 
 Measured here on 2 shared CPU cores: BLIP-L's architecture (random weights, 12-token captions,
 3 beams) takes about 3 s per image, 5 minutes per 100 images; the tests' tiny model does 100
@@ -42,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from functools import partial
 
@@ -50,8 +50,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli  # one line for every failure, one process per output, as in the trainer
 import textteacher
-from textteacher import Parser, UserError  # one-line argument errors, as in the trainer
+from cli import UserError, need
+from textteacher import Parser
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 COCA_PRETRAINED = "mscoco_finetuned_laion2B-s13B-b90k"  # the paper's CoCa: fine-tuned on COCO
@@ -80,14 +82,28 @@ def parse_args(argv=None):
         p.error("--num-beams, --max-new-tokens and --batch-size must be at least 1, --workers 0")
     if args.model.startswith("open_clip:") and args.model.count(":") == 1:
         args.model += f":{COCA_PRETRAINED}"  # written out, so that OUT.json names the weights
+    # The device checked before anything loads: an unknown one, or a GPU that is not there,
+    # would otherwise end in a traceback, after the data has been read.
+    try:
+        device = torch.device(args.device if args.device != "auto" else "cpu")
+    except RuntimeError:  # torch's own message lists every device type it knows
+        p.error(f"--device {args.device} is not a device: auto, cpu, cuda, cuda:1, ...")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a GPU, or without a CUDA build of torch
+        need(count > (device.index or 0), f"--device {args.device}: this machine has "
+             f"{count or 'no'} CUDA GPU{'s' * (count != 1)}; use --device cpu or auto")
+    elif device.type == "mps":
+        need(torch.backends.mps.is_available(), f"--device {args.device}: this machine has no "
+             "mps device; use --device cpu or auto")
+    elif device.type != "cpu":
+        p.error(f"--device {args.device}: caption_images.py runs on cpu, cuda or mps")
     return args
 
 
 def write_json(obj, path):
-    """Atomically: a temporary file beside path, then a rename, so no reader sees half of it."""
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    """Atomically: a temporary file beside path, then a rename, so no reader sees half of it;
+    a failed write (a full disk) is one line naming the path."""
+    cli.save_atomic(lambda f: f.write(json.dumps(obj, indent=2).encode()), path)
 
 
 # ----------------------------------------------------------------------------
@@ -116,6 +132,12 @@ def load_transformers(name, num_beams, max_new_tokens):
     if type(config) not in auto._model_mapping:  # checked before gigabytes of weights load
         raise UserError(f"{name} is a {config.model_type} model, not an image-to-text model; "
                         f"pass a captioner such as {DEFAULT_MODEL}")
+    # A caption's tokens must fit the text decoder's positions (the last one is never fed
+    # back), or generate fails with an index error deep in the model, in the middle of the run
+    text = getattr(config, "text_config", None) or getattr(config, "decoder", None) or config
+    limit = getattr(text, "max_position_embeddings", None)
+    need(not isinstance(limit, int) or max_new_tokens <= limit, f"--max-new-tokens "
+         f"{max_new_tokens} is more than {name} can write: at most {limit}")
     processor = hf.AutoProcessor.from_pretrained(name)
     model = auto.from_pretrained(name)
     # Stated in full: a model's own generation_config may sample, and sampling is not repeatable.
@@ -268,13 +290,41 @@ def merge(parts, world, keys, path):
 # ----------------------------------------------------------------------------
 # Main: every cheap check first, then the model, this rank's share, the merge
 
+def written_here(path):
+    """Whether the caption file path is this script's: OUT.json beside it says so."""
+    try:
+        with open(f"{path}.json", encoding="utf-8") as f:
+            return json.load(f).get("format") == "textteacher-captions-v1"
+    except (OSError, ValueError, AttributeError):  # none, not JSON, not a dict
+        return False
+
+
+@cli.releasing  # the claim on --out ends with main
 def main(argv=None):
     args = parse_args(argv)
-    t0 = time.time()
-    if os.path.exists(args.out) and not args.force:
-        raise UserError(f"{args.out} already exists; pass --force to replace it")
     # One distributed path: torchrun sets RANK and WORLD_SIZE, a plain run is rank 0 of 1.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    where = os.path.dirname(os.path.abspath(args.out))
+    try:  # that --out can be written is checked now, not after the model has loaded
+        os.makedirs(where, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, a read-only disk...
+        raise UserError(f"cannot write {args.out}: no folder {where} ({e.strerror})") from None
+    if not os.access(where, os.W_OK):  # e.g. a shared data folder; root may write anywhere
+        raise UserError(f"cannot write {args.out}: the folder {where} is read-only for you")
+    # One process per output, claimed before anything is read or written: a second run with
+    # the same --out would append to the same part files, and both would fail at the merge
+    # after all their work. Rank 0 claims OUT (and so the whole run), every other rank its
+    # part file, so that a second torchrun job is refused by each of its ranks alike.
+    cli.lock(args.out if rank == 0 else f"{args.out}.parts/rank{rank}.txt", "--out")
+    t0 = time.time()
+    # --force replaces what this script wrote, never a file of the user's (an image, a config)
+    if os.path.exists(args.out):
+        need(args.force, f"{args.out} already exists; pass --force to replace it")
+        need(written_here(args.out), f"{args.out} was not written by caption_images.py (no "
+             f"{args.out}.json of its own beside it), and --force replaces only its own caption "
+             "files: choose another --out")
+    need(not os.path.exists(f"{args.out}.json") or written_here(args.out), f"{args.out}.json "
+         "was not written by caption_images.py: choose another --out")
     device = args.device if args.device != "auto" else \
         f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     cuda = device.startswith("cuda")
@@ -285,8 +335,9 @@ def main(argv=None):
     if world > 1:  # the ranks wait for the slowest at the end: more than the default 30 min
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
 
-    # The images and keys exactly as textteacher.py sees them, so the captions line up. A
-    # missing or empty data set is its UserError, reported in one line like every other here.
+    # The images and keys exactly as textteacher.py sees them, so the captions line up (a
+    # 16-bit PNG scaled to 8 bits by its loader). A missing or empty data set is its
+    # UserError, reported in one line like every other here.
     dataset, keys, _ = textteacher.image_split(args.data, args.data_dir, args.split)
     if len(set(keys)) != len(keys):  # the same file name in two class folders
         raise UserError(f"{args.data}/{args.split} has two images of one file name; rename one")
@@ -295,13 +346,7 @@ def main(argv=None):
     settings = dict(model=args.model, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                     do_sample=False, prompt=None, dtype=str(dtype)[6:], data=args.data,
                     data_dir=args.data_dir, split=args.split, images=len(keys), world_size=world)
-    parts, where = f"{args.out}.parts", os.path.dirname(os.path.abspath(args.out))
-    try:  # that --out can be written is checked now, not after the model has loaded
-        os.makedirs(where, exist_ok=True)
-    except OSError as e:  # a file where a folder should be, a read-only disk...
-        raise UserError(f"cannot write {args.out}: no folder {where} ({e.strerror})") from None
-    if not os.access(where, os.W_OK):  # e.g. a shared data folder; root may write anywhere
-        raise UserError(f"cannot write {args.out}: the folder {where} is read-only for you")
+    parts = f"{args.out}.parts"
     # Every rank reads settings.json itself (rank 0 writes it atomically), so all decide alike.
     if os.path.exists(f"{parts}/settings.json"):
         with open(f"{parts}/settings.json", encoding="utf-8") as f:
@@ -335,7 +380,9 @@ def main(argv=None):
     # disable=None: a bar on a terminal only, so that a log file or a test sees no bar lines.
     bar = tqdm(total=len(keys), initial=done * world, unit="img", disable=rank > 0 or None)
     t1 = time.time()
-    with open(part, "a", encoding="utf-8") as f, bar, torch.inference_mode():
+    # Unbuffered: after a failed write (a full disk) nothing is left to write at close, which
+    # would fail again, without the path in its message
+    with open(part, "ab", buffering=0) as f, bar, torch.inference_mode():
         for indices, inputs, bad in loader:
             if bad:
                 raise UserError(bad)
@@ -343,10 +390,14 @@ def main(argv=None):
             inputs = {k: v.to(device, dtype if v.is_floating_point() else None)
                       for k, v in inputs.items()}
             # One line per caption: whitespace (a newline, a tab) in a caption would break it.
-            f.write("".join(f"{keys[i]}:\t{' '.join(c.split())}\n"
-                            for i, c in zip(indices, caption(inputs))))
-            f.flush()
-            os.fsync(f.fileno())  # on disk now: a kill loses at most the batch in flight
+            lines = "".join(f"{keys[i]}:\t{' '.join(c.split())}\n"
+                            for i, c in zip(indices, caption(inputs))).encode()
+            try:
+                while lines:  # a raw write may take part of the bytes (a disk filling up)
+                    lines = lines[f.write(lines):]
+                os.fsync(f.fileno())  # on disk now: a kill loses at most the batch in flight
+            except OSError as e:  # a full disk: the captions so far stay, a torn line is cut
+                raise cli.os_error(e, part) from None
             bar.update(len(indices) * world)
     rate = (len(share) - done) * world / max(time.time() - t1, 1e-9)
 
@@ -358,7 +409,10 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
     if rank == 0:
-        sha = merge(parts, world, keys, f"{parts}/merged.txt")
+        try:  # a full disk at the merge: every caption stays in the parts, for a rerun
+            sha = merge(parts, world, keys, f"{parts}/merged.txt")
+        except OSError as e:
+            raise cli.os_error(e, f"{parts}/merged.txt") from None
         write_json({"format": "textteacher-captions-v1", **settings, **info,
                     "torch": torch.__version__, "captions_sha256": sha}, f"{args.out}.json")
         os.replace(f"{parts}/merged.txt", args.out)
@@ -370,8 +424,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"caption_images.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, interrupted="the captions written so far are kept: run the same command again "
+            "to continue")

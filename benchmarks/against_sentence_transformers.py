@@ -10,7 +10,6 @@ captions/s (median over chunks), the median of per-chunk speed ratios, and the l
 between the two sets of vectors (all captions in one call each).
 """
 
-import argparse
 import contextlib
 import io
 import os
@@ -23,6 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import caption_embed  # noqa: E402
+import cli  # noqa: E402
+from cli import need  # noqa: E402
 
 WORDS = (
     "a the dog cat man woman child red blue large small old standing sitting running near on "
@@ -42,19 +43,20 @@ def captions(n, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = caption_embed.Parser(description=__doc__.split("\n\n")[0])  # a bad flag: one line
     p.add_argument("--encoder", default=caption_embed.DEFAULT_ENCODER)
     p.add_argument("--captions", type=int, default=2000)
     p.add_argument("--chunk", type=int, default=500, help="captions per timed call")
     p.add_argument("--rounds", type=int, default=6, help="passes over all captions")
     p.add_argument("--batch-size", type=int, nargs="+", default=[32, 64])
     args = p.parse_args(argv)
+    need(min(args.captions, args.chunk, args.rounds, *args.batch_size) >= 1, "--captions, "
+         "--chunk, --rounds and --batch-size must be 1 or more")
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        sys.exit(
-            "error: this comparison needs sentence-transformers: pip install sentence-transformers"
-        )
+        raise cli.UserError("this comparison needs sentence-transformers: pip install "
+                            "sentence-transformers") from None
 
     texts = captions(args.captions)
     ours = caption_embed.TextEncoder(args.encoder, device="cpu")
@@ -108,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, interrupted="nothing was written")

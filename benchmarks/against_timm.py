@@ -12,7 +12,6 @@ The models take turns step by step, in a rotating order, so that a slow phase of
 all of them; the speed ratio to timm eager is the median of per-round ratios.
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -23,11 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 import textteacher as tt  # noqa: E402
+from cli import need  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = tt.Parser(description=__doc__.split("\n\n")[0])  # a bad flag: one line
     p.add_argument("--model", default="tiny", choices=list(tt.MODEL_SIZES))
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=4)
@@ -39,10 +40,15 @@ def main(argv=None):
     )
     p.add_argument("--compile", action="store_true", help="also time both models torch.compile'd")
     args = p.parse_args(argv)
+    need(min(args.img_size, args.patch_size, args.batch_size, args.classes, args.steps) >= 1
+         and args.warmup >= 0, "--img-size, --patch-size, --batch-size, --classes and --steps "
+         "must be 1 or more, --warmup 0 or more")
+    need(args.img_size % args.patch_size == 0, f"--img-size {args.img_size} is no multiple of "
+         f"--patch-size {args.patch_size}")
     try:
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:
-        sys.exit("error: this comparison needs timm: pip install timm")
+        raise tt.UserError("this comparison needs timm: pip install timm") from None
 
     width, depth, heads = tt.MODEL_SIZES[args.model]
     model_args = dict(
@@ -139,4 +145,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, interrupted="nothing was written")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 import textteacher as tt  # noqa: E402
 from textteacher import UserError, build_model, build_optimizer, compute_setup, step_losses  # noqa
 
@@ -270,13 +271,10 @@ def benchmark(cfg, warmup=3, steps=1, repeats=15):
 
 
 def main(argv=None):
-    try:
-        cfg, _ = tt.parse_config(argv)
-        tt.check_config(cfg)
-        benchmark(cfg)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cfg, _ = tt.parse_config(argv)
+    tt.check_config(cfg)
+    return benchmark(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, interrupted="nothing was written")

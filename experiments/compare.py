@@ -10,16 +10,17 @@ CutMix and label noise, so the difference between the arms is the objective's al
     python experiments/compare.py ... --teacher facebook/dinov2-small   # the paper's vision arm
 
 Every other flag is textteacher.py's. Each arm is an ordinary run folder, runs/NAME/seedS-ARM;
-a finished arm is reused and an interrupted one continued. It prints validation top-1 per epoch
-(mean over seeds), the final and best differences to the baseline (mean and std over seeds),
-the training time per epoch of each arm, and, where the embeddings file holds validation
-captions, the alignment of the last epoch: image-to-caption retrieval top-1 through the text
-head and the mean cosine of matching and of non-matching pairs. All of it goes to
-runs/NAME/compare.json.
+a finished arm is reused and an interrupted one continued, each only if it was started with the
+settings asked for now (else one line names the settings that differ). It prints validation
+top-1 per epoch (mean over seeds), the final and best differences to the baseline (mean and std
+over seeds), the training time per epoch of each arm, and, where the embeddings file holds
+validation captions, the alignment of the last epoch: image-to-caption retrieval top-1 through
+the text head and the mean cosine of matching and of non-matching pairs. All of it goes to
+runs/NAME/compare.json. One comparison at a time per NAME: a second is refused in one line.
 """
 
-import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -30,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
 import textteacher as tt  # noqa: E402
+from cli import need  # noqa: E402
 
 
 class Shuffled:
@@ -109,6 +112,11 @@ def alignment(cfg, text_path, limit=500):
     dataset, keys, _ = tt.image_split(cfg.data, cfg.data_dir, "val")
     row_of = {k: r for r, k in enumerate(emb["val_keys"])}
     pairs = [(i, row_of[k]) for i, k in enumerate(keys) if k in row_of][:limit]
+    if len(pairs) < 2:  # retrieval needs a wrong caption to choose; training does not need this
+        print(f"note: {len(pairs)} validation images of {cfg.data} have a caption in {text_path} "
+              "(another data set's captions?): the alignment metrics are left out",
+              file=sys.stderr)
+        return None
     samples = tt.Samples(dataset, torch.tensor(dataset.targets), cfg.img_size)
     t = emb["val_embeddings"][[r for _, r in pairs]].float() - emb["mean"].float()
 
@@ -139,23 +147,120 @@ def alignment(cfg, text_path, limit=500):
     return on_epoch
 
 
-def run_arm(cfg, folder, targets=None, on_epoch=None):
-    """One arm in its run folder: reused when finished, continued when interrupted."""
-    if os.path.exists(os.path.join(folder, "export", "config.json")):
-        return read_metrics(folder)
-    cfg = dataclasses.replace(
-        cfg,
-        out_dir=os.path.dirname(folder),
-        name=os.path.basename(folder),
-        resume=folder if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "",
-    )
-    tt.train(cfg, targets=targets, on_epoch=on_epoch)
+# Config fields that say how a run computes, not what it computes: an arm is the same arm
+# whatever they were. Every other field must equal the one asked for, paths once absolute.
+HOW = {"out_dir", "name", "resume", "workers", "threads", "device", "compile", "log_every",
+       "ckpt_every"}
+PATHS = ("data", "data_dir", "text", "init")
+
+
+def run_arm(cfg, folder, targets=None, on_epoch=None, objective=None, settings=None):
+    """One arm in its run folder: reused when finished, continued when interrupted, and either
+    only if it was started with these settings (else a one-line UserError naming those that
+    differ). objective: train()'s seam (the distillation arms); settings: what else defines
+    the arm beyond cfg (a teacher, a temperature), JSON values, kept beside the folder in
+    FOLDER.arm.json (not inside: a folder is the trainer's to make, and it refuses to start
+    in one that holds a file). Returns the arm's epoch records."""
+    settings = json.loads(json.dumps(settings or {}))  # as it reads back: tuples are lists
+    started = os.path.exists(os.path.join(folder, "checkpoint.pt"))
+    if started:
+        check_arm(cfg, folder, targets, settings)
+        if finished(folder, cfg.epochs):
+            return read_metrics(folder)
+    else:  # a new arm (or one stopped while writing its first checkpoint)
+        os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+        cli.save_atomic(lambda f: f.write(json.dumps(settings).encode()), f"{folder}.arm.json")
+    cfg = dataclasses.replace(cfg, out_dir=os.path.dirname(folder), name=os.path.basename(folder),
+                              resume=folder if started else "")
+    tt.train(cfg, targets=targets, on_epoch=on_epoch, objective=objective)
     return read_metrics(folder)
 
 
+def finished(folder, epochs):
+    """Whether the run in folder has all its epochs and its export: not export/ alone, which
+    an older experiments/export.py wrote of any checkpoint, nor the epochs alone (a crash
+    before the export; continuing the run then only exports it)."""
+    records = read_metrics(folder) if os.path.exists(os.path.join(folder, "metrics.jsonl")) else []
+    return len(records) >= epochs and os.path.exists(os.path.join(folder, "export", "config.json"))
+
+
+def comparable(config):
+    """A run's settings as a dict of the Config fields that matter, paths made absolute (the
+    trainer records them so); a field that an older run did not record has its default."""
+    out = {f.name: config.get(f.name, f.default) for f in dataclasses.fields(tt.Config)
+           if f.name not in HOW}
+    for k in PATHS:
+        if out[k] and not (k == "data" and out[k] in tt.PRESETS):
+            out[k] = os.path.abspath(out[k])
+    if out["data"] not in tt.PRESETS:  # a data folder of its own: the root of named sets unused
+        del out["data_dir"]
+    return out
+
+
+def text_sha256(cfg, targets):
+    """The text_sha256 the trainer records for this arm: its target source's, or that of the
+    embeddings file it reads itself, or None without targets. A file replaced under the same
+    name gives other targets, and so another arm."""
+    if targets is not None:
+        return getattr(targets, "sha256", None)
+    if not (cfg.text and cfg.text_loss_lambda > 0):
+        return None
+    try:
+        with open(cfg.text, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise tt.UserError(f"cannot read embeddings file {cfg.text}: {e.strerror}") from None
+
+
+def check_arm(cfg, folder, targets, settings):
+    """A one-line UserError unless the run in folder was started with cfg (the fields that
+    matter), the same text targets and the same settings (FOLDER.arm.json)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):  # a crash between the checkpoint and its config: the same
+        ckpt = tt.load_checkpoint(folder)[0]
+        saved = dict(ckpt["config"], text_sha256=ckpt["text_sha256"])
+    try:  # an arm of a comparison from before arm.json, or of the trainer alone: no settings
+        with open(f"{folder}.arm.json") as f:
+            recorded = json.load(f)
+    except FileNotFoundError:
+        recorded = {}
+    asked = dict(comparable(dataclasses.asdict(cfg)), text_sha256=text_sha256(cfg, targets))
+    had = dict(comparable(saved), text_sha256=saved.get("text_sha256"))
+    differ = [(k, had[k], asked[k]) for k in asked if had[k] != asked[k]]
+    differ += [(k, recorded.get(k), settings.get(k)) for k in sorted(recorded.keys() | settings)
+               if recorded.get(k) != settings.get(k)]
+    was = ", ".join(f"{k} {short(a)}" for k, a, _ in differ)
+    need(not differ, f"{folder} was trained with {was}; asked for "
+         f"{', '.join(short(b) for _, _, b in differ)}: choose another --name, or delete {folder}")
+
+
+def short(value):
+    """A value as the refusal shows it: a sha256 by its first 12 digits."""
+    text = str(value)
+    return text[:12] + "..." if len(text) == 64 and "/" not in text else text
+
+
 def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """The epoch records of a run (metrics.jsonl), each line checked: one line naming the
+    file and the line for a file that is not the trainer's (torn, or not JSON)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise tt.UserError(f"cannot read {path}: {e.strerror}") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        need(isinstance(record, dict) and "epoch" in record, f"{path}, line {n}: not an epoch "
+             "record of textteacher.py (a torn copy?)")
+        records.append(record)
+    return records
 
 
 def arms_of(cfg, control="", teacher=""):
@@ -187,22 +292,21 @@ def compare(cfg, root, seeds, arms):
     """Every arm for every seed (in order seed by seed, so a stopped study has whole pairs),
     then the summary, printed and written to root/compare.json."""
     runs = {}
+    # the alignment of the last epoch, where there are validation captions: one callback per
+    # arm, the same for every seed (it holds the validation images and their captions)
+    aligned = {arm: alignment(c, c.text) if c.text and c.text_loss_lambda > 0 else None
+               for arm, (c, _) in arms.items()}
     for seed in seeds:
         for arm, (arm_cfg, make) in arms.items():
             arm_cfg = dataclasses.replace(arm_cfg, seed=seed)
             device = tt.compute_setup(arm_cfg)[0]
             targets = make(seed, device) if make else None
-            on_epoch = (
-                alignment(arm_cfg, arm_cfg.text)
-                if arm_cfg.text and arm_cfg.text_loss_lambda > 0
-                else None
-            )
             runs[(seed, arm)] = run_arm(
-                arm_cfg, os.path.join(root, f"seed{seed}-{arm}"), targets, on_epoch
+                arm_cfg, os.path.join(root, f"seed{seed}-{arm}"), targets, aligned[arm]
             )
     summary = summarize(runs, list(arms), seeds)
-    with open(os.path.join(root, "compare.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    text = json.dumps(summary, indent=1)
+    cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(root, "compare.json"))
     return summary
 
 
@@ -265,33 +369,30 @@ def summarize(runs, arms, seeds):
     return out
 
 
+@cli.releasing  # the claim on the folder ends with main
 def main(argv=None):
-    p = argparse.ArgumentParser(add_help=False)
+    p = tt.Parser(add_help=False)  # one line for a bad value, as the trainer's flags
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--control", choices=("shuffle", "random"), default="")
     p.add_argument("--teacher", default="")
     args, rest = p.parse_known_args(argv)
-    try:
-        cfg, _ = tt.parse_config(rest)
-        tt.check_config(cfg)
-        if args.seeds < 1:
-            raise tt.UserError(f"--seeds must be 1 or more, got {args.seeds}")
-        if not (cfg.text or args.teacher) or cfg.text_loss_lambda == 0:
-            raise tt.UserError(
-                "compare needs --text or --teacher, and a --text-loss-lambda above 0"
-            )
-        root = os.path.join(cfg.out_dir, cfg.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(root, exist_ok=True)
-        summary = compare(
-            cfg,
-            root,
-            list(range(cfg.seed, cfg.seed + args.seeds)),
-            arms_of(cfg, args.control, args.teacher),
-        )
-        print(summary["table"])
-    except tt.UserError as e:
-        sys.exit(f"error: {e}")
+    cfg, _ = tt.parse_config(rest)
+    tt.check_config(cfg)
+    need(args.seeds >= 1, f"--seeds must be 1 or more, got {args.seeds}")
+    need((cfg.text or args.teacher) and cfg.text_loss_lambda > 0,
+         "compare needs --text or --teacher, and a --text-loss-lambda above 0")
+    root = os.path.join(cli.writable(cfg.out_dir),
+                        cfg.name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    # One comparison per folder: a second one would train the same arms beside the first, and
+    # the trainer would refuse it only arm by arm, in the middle of its work.
+    cli.lock(root, "--name")
+    os.makedirs(root, exist_ok=True)
+    summary = compare(cfg, root, list(range(cfg.seed, cfg.seed + args.seeds)),
+                      arms_of(cfg, args.control, args.teacher))
+    print(summary["table"])
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, interrupted="every arm keeps its last checkpoint: run the same command again "
+            "to continue")

@@ -9,10 +9,11 @@ It writes data/shapes/train/<shape>/train00042.png (3000 images) and val/ (1000)
 in the paper's format (captions_train.txt, captions_val.txt: lines "key:<TAB>caption", keyed
 by file name) and, through caption_embed.py with the packaged MiniLM encoder, data/shapes/
 text.pt. It prints what it wrote. The shape is the class; colour, size, place and background
-vary, and a caption names them all, so a caption says more than a label does.
+vary, and a caption names them all, so a caption says more than a label does. shapes.json marks
+the folder as this script's: --force draws again only such a folder, never one of your own.
 """
 
-import argparse
+import json
 import os
 import sys
 
@@ -22,6 +23,8 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import caption_embed  # noqa: E402
+import cli  # noqa: E402
+from cli import need  # noqa: E402
 
 KINDS = (
     "circle",
@@ -63,6 +66,9 @@ TEMPLATES = (
     "{size} {colour} {shape} in the {place} of a {bg} image",
 )
 SPLITS = {"train": (3000, 0), "val": (1000, 1)}  # split: (images, seed)
+# The file that marks a folder as this script's: --force redraws only a folder that holds it,
+# never a user's own data that happens to have train/ and captions_train.txt.
+MARKER = "shapes.json"
 
 
 def mask(kind, dx, dy):
@@ -135,20 +141,28 @@ def keys(split, n):
 
 
 def write(out, splits=SPLITS):
-    """The image folder out/{train,val}/<shape>/<key> and the attributes of every image."""
+    """The image folder out/{train,val}/<shape>/<key> and the attributes of every image, with
+    the marker file first: a drawing stopped half-way is still this script's to redraw."""
+    os.makedirs(out, exist_ok=True)
+    marker = json.dumps(dict(tool="experiments/shapes.py", splits=splits))
+    cli.save_atomic(lambda f: f.write(marker.encode()), os.path.join(out, MARKER))
     attrs = {}
     for split, (n, seed) in splits.items():
         images, labels, attrs[split] = draw(n, seed)
         for kind in KINDS:
             os.makedirs(os.path.join(out, split, kind), exist_ok=True)
         for key, image, label in zip(keys(split, n), images, labels):
-            Image.fromarray(image).save(os.path.join(out, split, KINDS[label], key))
+            path = os.path.join(out, split, KINDS[label], key)
+            try:
+                Image.fromarray(image).save(path)
+            except OSError as e:  # a full disk: one line naming the file
+                raise cli.os_error(e, path) from None
     return attrs
 
 
 def write_captions(path, split, attrs, kind="full"):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(f"{k}:\t{caption(a, kind)}\n" for k, a in zip(keys(split, len(attrs)), attrs))
+    text = "".join(f"{k}:\t{caption(a, kind)}\n" for k, a in zip(keys(split, len(attrs)), attrs))
+    cli.save_atomic(lambda f: f.write(text.encode()), path)
 
 
 def embed(attrs, paths, out, kind="full"):
@@ -160,21 +174,27 @@ def embed(attrs, paths, out, kind="full"):
                         "--dataset", "shapes", "--out", out, "--force"])
 
 
+@cli.releasing  # the claim on --out ends with main
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw the shapes set with captions, and embed them.")
+    p = caption_embed.Parser(description="Draw the shapes set with captions, and embed them.")
     p.add_argument("--out", default="data/shapes", help="folder to write (default data/shapes)")
-    p.add_argument("--force", action="store_true", help="write into an existing folder")
+    p.add_argument("--force", action="store_true", help="draw again a shapes set this script "
+                   "wrote (never another folder)")
     args = p.parse_args(argv)
-    if os.path.exists(os.path.join(args.out, "train")) and not args.force:
-        sys.exit(f"error: {args.out} already holds the shapes set; pass --force to draw it again")
-    attrs = write(args.out)
-    print(f"wrote {sum(n for n, _ in SPLITS.values())} images to {args.out}; captions and text.pt:")
-    paths = {split: os.path.join(args.out, f"captions_{split}.txt") for split in SPLITS}
-    embed(attrs, paths, os.path.join(args.out, "text.pt"))
+    out = args.out
+    need(not os.path.isfile(out), f"--out {out} is a file: name a folder")
+    cli.lock(out, "--out")  # one drawing per folder at a time
+    # a folder that is not new or empty must be this script's, and is drawn again with --force
+    if os.path.isdir(out) and os.listdir(out):
+        need(os.path.isfile(os.path.join(out, MARKER)), f"{out} holds files that "
+             "experiments/shapes.py did not write, and --force redraws only its own shapes set: "
+             "choose another --out (an old shapes set, from before shapes.json: delete it)")
+        need(args.force, f"{out} already holds the shapes set; pass --force to draw it again")
+    attrs = write(out)
+    print(f"wrote {sum(map(len, attrs.values()))} images to {out}; captions and text.pt:")
+    paths = {split: os.path.join(out, f"captions_{split}.txt") for split in attrs}
+    embed(attrs, paths, os.path.join(out, "text.pt"))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except caption_embed.UserError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, interrupted="run the same command with --force to draw the set again")

@@ -43,18 +43,22 @@ it as the second command; if no cell does, the README says so.
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+import cli  # noqa: E402
 import compare  # noqa: E402
 import shapes  # noqa: E402
 import textteacher as tt  # noqa: E402
+from cli import need  # noqa: E402
 
 SEEDS = (0, 1, 2)
 BASE = dict(patch_size=8, epochs=15, lambda_schedule="constant", captions="full")
@@ -170,18 +174,18 @@ def report(root, docs):
             f"{r['early'][1]:.1f} | "
             f"{r['retrieval_top1'][0]:.1f} | {r['cos_match'][0]:.3f} | {r['cos_other'][0]:.3f} |"
         )
-    os.makedirs(docs, exist_ok=True)
-    with open(os.path.join(docs, "study.md"), "w") as f:
-        f.write(
-            "Validation top-1 (%) at the last epoch, mean over seeds 0, 1, 2; differences are "
-            "paired (TextTeacher - baseline of the same seed), mean ± std over the seeds. "
-            "Alignment of the TextTeacher arm at its last epoch, against the full validation "
-            "captions (500 images). Written by `python experiments/study.py`.\n\n"
-            + "\n".join(lines)
-            + "\n"
-        )
-    with open(os.path.join(docs, "study.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    text = (
+        "Validation top-1 (%) at the last epoch, mean over seeds 0, 1, 2; differences are "
+        "paired (TextTeacher - baseline of the same seed), mean ± std over the seeds. "
+        "Alignment of the TextTeacher arm at its last epoch, against the full validation "
+        "captions (500 images). Written by `python experiments/study.py`.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    # whole files or none, and a full disk in one line naming the file
+    cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(docs, "study.md"))
+    table = json.dumps(rows, indent=1)
+    cli.save_atomic(lambda f: f.write(table.encode()), os.path.join(docs, "study.json"))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,31 +205,63 @@ def report(root, docs):
     ax.set_ylabel("TextTeacher - baseline, top-1 (p.p.)")
     ax.set_title("paired difference at the last epoch, mean ± std over 3 seeds")
     fig.tight_layout()
-    fig.savefig(os.path.join(docs, "study.png"), dpi=110)
+    cli.save_atomic(lambda f: fig.savefig(f, format="png", dpi=110),
+                    os.path.join(docs, "study.png"))
     print("\n".join(lines))
 
 
+@cli.releasing  # the claim on --root ends with main
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The planned study of when the text helps.")
+    p = tt.Parser(description="The planned study of when the text helps.")
     p.add_argument("--root", default="runs/study")
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--docs", default="docs")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="processes, one run each at a time")
     p.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    os.makedirs(args.root, exist_ok=True)
-    if args.worker >= 0:
+    need(args.workers >= 1, f"--workers must be 1 or more, got {args.workers}")
+    if args.worker >= 0:  # a worker of the study below, which holds the claim on --root
         return work(args.root, args.data, args.worker, args.workers)
+    # where the results go, and what draws them, checked before an hour of runs
+    cli.writable(args.root)
+    cli.writable(args.docs)
+    need(importlib.util.find_spec("matplotlib"), "the study draws docs/study.png with "
+         "matplotlib, which is optional: pip install matplotlib")
+    # One study per root: a second one would start the same runs, refused by the trainer one
+    # by one in the middle of its work; its workers claim each run folder as they train it.
+    cli.lock(args.root, "--root")
     prepare(args.root, args.data)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", str(i)], env=env)
-        for i in range(args.workers)
-    ]
-    if any(p.wait() for p in procs):
-        sys.exit("error: a worker failed; run the same command again to continue")
+    run_workers(args)
     report(args.root, args.docs)
 
 
+def run_workers(args):
+    """The workers as processes of their own, one CPU thread each. A worker that fails ends
+    the study in one line: its own (a worker's input error), else its whole output (a bug)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = ["--root", args.root, "--data", args.data, "--workers", str(args.workers)]
+    logs = [tempfile.TemporaryFile("w+", encoding="utf-8") for _ in range(args.workers)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(i)], env=env,
+                         stderr=log)
+        for i, log in enumerate(logs)
+    ]
+    codes = [p.wait() for p in procs]
+    for i, (code, log) in enumerate(zip(codes, logs)):
+        log.seek(0)
+        text = log.read().strip()
+        last = text.splitlines()[-1] if text else ""
+        if code and last.startswith("error: "):
+            e = tt.UserError(f"{last[len('error: '):]} (study worker {i}; the finished runs are "
+                             "kept: run the same command again to continue)")
+            e.code = code
+            raise e
+        if text:  # notes, warnings, or a bug's traceback: as the worker wrote them
+            print(text, file=sys.stderr)
+        if code:
+            sys.exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    cli.run(main, interrupted="every run keeps its last checkpoint: run the same command again "
+            "to continue")

@@ -48,7 +48,8 @@ def features(vit, dataset, labels, img_size, batch=256):
     """(F [N, width], labels [N]) of a split's un-augmented images through a frozen ViT."""
     vit.eval()
     samples = tt.Samples(dataset, labels, img_size)  # resize, centre crop: no augmentation
-    loader = torch.utils.data.DataLoader(samples, batch_size=batch, num_workers=0)
+    loader = torch.utils.data.DataLoader(samples, batch_size=batch,
+                                         sampler=range(len(dataset)), num_workers=0)
     feats, ys = [], []
     for images, y, _ in loader:
         feats.append(vit.forward_features(tt.normalize(images)))  # shape = [B, width]
@@ -102,11 +103,14 @@ def arms_in(root):
     """{(seed, arm): run folder} of a compare.py root: its finished seedS-ARM folders."""
     found = {}
     for name in sorted(os.listdir(root)):
-        m = re.fullmatch(r"seed(\d+)-(.+)", name)
-        if m and os.path.isfile(os.path.join(root, name, "export", "config.json")):
-            found[int(m[1]), m[2]] = os.path.join(root, name)
-    cli.need(found, f"{root} holds no finished arm (seedS-ARM/export): run "
-             "experiments/compare.py first")
+        m, path = re.fullmatch(r"seed(\d+)-(.+)", name), os.path.join(root, name)
+        if m and os.path.isdir(path):
+            with open(os.path.join(path, "config.json")) as f:
+                epochs = json.load(f)["epochs"]
+            cli.need(compare.finished(path, epochs), f"{path} is not finished: run its "
+                     "experiments/compare.py command again first")
+            found[int(m[1]), m[2]] = path
+    cli.need(found, f"{root} holds no arm (seedS-ARM): run experiments/compare.py first")
     return found
 
 

@@ -238,7 +238,8 @@ def test_resume_refuses_replaced_embeddings_of_the_same_dimension(finished, fold
     sha = hashlib.sha256(saved).hexdigest()
     assert checkpoint(run_dir)["text_sha256"] == sha
     before = snapshot(run_dir)
-    expected = (f"error: {run_dir} was trained on other classes or text targets (sha256 {sha}): "
+    expected = (f"error: {run_dir} was trained on other images, classes or text targets (text "
+                f"sha256 {sha}): "
                 "resume it with those of its config.json")
     try:
         _, _, keys = folder
@@ -331,11 +332,11 @@ def undecodable_folder(tmp_path):
 
 
 def decode_error(path):
-    """The line for an image PIL cannot open, with PIL's own words for it (as ImageFolder opens
-    it)."""
-    from torchvision.datasets.folder import pil_loader
+    """The line for an image PIL cannot open, with PIL's own words for it (as the trainer's
+    loader, imagesets.rgb, opens it)."""
+    import imagesets
     try:
-        pil_loader(path)
+        imagesets.rgb(path)
     except Exception as e:
         return f"error: cannot decode image {path} ({e}); delete or replace it"
     raise AssertionError(f"{path} opened")

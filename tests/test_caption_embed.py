@@ -309,7 +309,7 @@ def test_cli_malformed_line_is_one_line_exit_2(tmp_path):
     bad.write_text("a.JPEG:\tA fish\nthis line has no separator\n", encoding="utf-8")
     code, err = run_cli("--captions", bad, "--out", tmp_path / "o.pt")
     assert code == 2 and len(err) == 1 and "line 2" in err[0]
-    assert err[0].startswith("caption_embed.py: error:")
+    assert err[0].startswith("error:")  # as every script of the project says it (cli.py)
     assert sorted(os.listdir(tmp_path)) == ["bad.txt"]
 
 

@@ -267,7 +267,7 @@ def test_an_unreadable_image_is_named(folder, blip, tmp_path):
                         str(data), "--model", blip, "--out", str(out), *FAST], env=env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
-    assert r.stderr == (f"caption_images.py: error: cannot read image {bad} "
+    assert r.stderr == (f"error: cannot read image {bad} "
                         "(UnidentifiedImageError); delete or replace the file, then run the same "
                         "command again to continue\n")
     assert not out.exists()
