@@ -20,6 +20,8 @@ Commands (README.md says where captions and embeddings come from, and what these
       --text in1k_coca_bert.pt
   # continue a run that stopped (--lr and --clip-grad may change)
   python textteacher.py --resume runs/NAME
+  # transfer: fine-tune a trained ViT on one of the paper's six fine-grained sets
+  python textteacher.py --data flowers102 --data-dir data --init runs/NAME
 
 The file reads top to bottom: configuration, data, text targets, model, objective, optimiser,
 checkpoints and export, evaluation, training. The tools that use it stand beside it:
@@ -773,7 +775,7 @@ def open_run(cfg, given, rank):
         if dist.is_initialized():  # rank 0's default name: the ranks' clocks may differ
             dist.broadcast_object_list(box)
         cfg.name, run_dir = box[0], os.path.join(cfg.out_dir, box[0])
-        if rank == 0:  # one process per run folder: a second one is refused, named the first
+        if rank == 0:  # one process per run folder: a second one is refused, naming the first
             cli.lock(run_dir, "--name")
         # a folder with only a torn temporary file: its first checkpoint was never written
         need(not os.path.exists(run_dir) or all(f.endswith(".tmp") for f in os.listdir(run_dir)),
@@ -804,11 +806,11 @@ def train(cfg, given=(), targets=None, on_epoch=None, objective=None):
     `objective` replaces step_losses (same call and return: the distillation arms), and
     `on_epoch(record, model)` may add entries to each epoch's record before it is logged."""
     # One distributed path: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; else one process.
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if ddp:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
+    ddp = world > 1
     device, autocast, use_compile = compute_setup(cfg, world, int(os.environ.get("LOCAL_RANK", 0)))
+    if ddp:  # the device's backend: NCCL for GPUs, gloo for CPUs (--device cpu on a GPU machine)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     ckpt, run_dir = open_run(cfg, given, rank)
 
     # -- data: the samples with their (possibly noisy) labels, and the text targets ----------

@@ -105,8 +105,13 @@ def folder(root, cell, seed):
 # ----------------------------------------------------------------------------
 # Data: the shapes set, its caption variants, and the transfer set
 
-def attributes(split):
-    """The attributes of every image of a split of the shapes set, as shapes.py drew them."""
+def attributes(split, data="data/shapes"):
+    """The attributes of every image of a split of the shapes set, in draw (key) order: the
+    file shapes.py keeps beside the captions, or drawn again (a set from before that file)."""
+    path = shapes.attributes_file(data, split)
+    if os.path.exists(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
     n, seed = shapes.SPLITS[split]
     return shapes.draw(n, seed)[2]
 
@@ -116,7 +121,7 @@ def prepare(root, data, task_data):
     if not os.path.isdir(os.path.join(data, "train")):
         shapes.main(["--out", data])
     os.makedirs(root, exist_ok=True)
-    attrs = {split: attributes(split) for split in shapes.SPLITS}
+    attrs = {split: attributes(split, data) for split in shapes.SPLITS}
     for kind in ("full", "colour", "word"):
         out = os.path.join(root, f"text-{kind}.pt")
         if os.path.exists(out):
@@ -212,12 +217,13 @@ def probes(root, data, task_data):
     """{cell: {measure: [per seed]}}: the attribute probes on the shapes set and the probe on
     the transfer set, from each source run's frozen features."""
     shapes_split = {s: tt.image_split(data, "", s) for s in ("train", "val")}
-    labels = {s: {a: torch.tensor([ATTR_INDEX[a][x[a]] for x in attributes(s)])
+    labels = {s: {a: torch.tensor([ATTR_INDEX[a][x[a]] for x in attributes(s, data)])
                   for a in ATTRIBUTES} for s in shapes_split}
     task_split = {s: tt.image_split(task_data, "", s) for s in ("train", "val")}
     order = {s: shapes_order(shapes_split[s][1], s) for s in shapes_split}
     for s, (ds, _, classes) in shapes_split.items():  # the drawn attributes are the images'
-        assert [classes[y] for y in ds.targets] == [attributes(s)[i]["shape"] for i in order[s]]
+        assert [classes[y] for y in ds.targets] == [
+            attributes(s, data)[i]["shape"] for i in order[s]]
     results = {}
     for cell in SOURCES:
         for seed in SEEDS:

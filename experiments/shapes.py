@@ -9,7 +9,10 @@ It writes data/shapes/train/<shape>/train00042.png (3000 images) and val/ (1000)
 in the paper's format (captions_train.txt, captions_val.txt: lines "key:<TAB>caption", keyed
 by file name) and, through caption_embed.py with the packaged MiniLM encoder, data/shapes/
 text.pt. It prints what it wrote. The shape is the class; colour, size, place and background
-vary, and a caption names them all, so a caption says more than a label does. shapes.json marks
+vary, and a caption names them all, so a caption says more than a label does; what each image
+shows is kept beside its caption (attributes_train.jsonl, attributes_val.jsonl: one JSON object
+per image, its key and attributes), for probes of what a model learned (experiments/
+features.py). shapes.json marks
 the folder as this script's: --force draws again only such a folder, never one of your own.
 """
 
@@ -174,6 +177,12 @@ def embed(attrs, paths, out, kind="full"):
                         "--dataset", "shapes", "--out", out, "--force"])
 
 
+def attributes_file(out, split):
+    """The attributes of every image of a split, one JSON object per line in key order: shape,
+    colour, size, place, bg (background) and template (which of TEMPLATES its caption uses)."""
+    return os.path.join(out, f"attributes_{split}.jsonl")
+
+
 @cli.releasing  # the claim on --out ends with main
 def main(argv=None):
     p = caption_embed.Parser(description="Draw the shapes set with captions, and embed them.")
@@ -191,7 +200,11 @@ def main(argv=None):
              "choose another --out (an old shapes set, from before shapes.json: delete it)")
         need(args.force, f"{out} already holds the shapes set; pass --force to draw it again")
     attrs = write(out)
-    print(f"wrote {sum(map(len, attrs.values()))} images to {out}; captions and text.pt:")
+    for split, a in attrs.items():  # what each image shows, beside its caption: for probes
+        text = "".join(json.dumps(dict(key=k, **x)) + "\n" for k, x in zip(keys(split, len(a)), a))
+        cli.save_atomic(lambda f: f.write(text.encode()), attributes_file(out, split))
+    print(f"wrote {sum(map(len, attrs.values()))} images to {out}; attributes, captions and "
+          "text.pt:")
     paths = {split: os.path.join(out, f"captions_{split}.txt") for split in attrs}
     embed(attrs, paths, os.path.join(out, "text.pt"))
 

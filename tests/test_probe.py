@@ -1,5 +1,6 @@
 """The linear probe of experiments/transfer.py and the attribute bookkeeping of
 experiments/features.py: what the transfer and feature tables rest on."""
+import json
 import os
 import sys
 
@@ -75,3 +76,22 @@ def test_feature_attributes_follow_the_images(tmp_path):
     # and the attribute index tables cover every value a draw can produce
     for a in features.ATTRIBUTES:
         assert {x[a] for x in attrs} <= set(features.ATTR_INDEX[a])
+
+
+def test_shapes_keeps_each_images_attributes_beside_its_caption(tmp_path, monkeypatch):
+    """experiments/shapes.py writes attributes_{train,val}.jsonl: for every image its key and
+    exactly the attributes it was drawn with (and its caption names), in key order; the probes
+    of experiments/features.py read them back as drawn."""
+    splits = {"train": (20, 0), "val": (10, 1)}
+    monkeypatch.setattr(shapes.write, "__defaults__", (splits,))
+    monkeypatch.setattr(shapes, "embed", lambda attrs, paths, out: None)  # no encoder needed
+    out = str(tmp_path / "s")
+    shapes.main(["--out", out])
+    for split, (n, seed) in splits.items():
+        drawn = shapes.draw(n, seed)[2]
+        with open(shapes.attributes_file(out, split)) as f:
+            rows = [json.loads(line) for line in f]
+        assert [r.pop("key") for r in rows] == shapes.keys(split, n)
+        assert rows == drawn
+        assert [dict(r, key=k) for r, k in zip(drawn, shapes.keys(split, n))] == \
+            [dict(r, key=k) for r, k in zip(features.attributes(split, out), shapes.keys(split, n))]
