@@ -42,7 +42,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 import zipfile
 
@@ -70,12 +69,7 @@ def writable_file(path):
     path it cannot write; one line naming the path and the cause. Trying to write is the only
     test that holds for root and read-only mounts alike."""
     need(not os.path.isdir(path), f"cannot write {path}: it is a directory; name a file inside it")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise cli.os_error(e, path) from None
+    cli.writable(os.path.dirname(os.path.abspath(path)), path)
 
 
 def check_out(path, force, inputs):
@@ -413,7 +407,7 @@ def parse_args(argv=None):
     p.add_argument("--encoder", help="Hugging Face name or folder; with --import-zip recorded")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1, ...")
-    p.add_argument("--dataset", help="recorded: training refuses another set's (default: --data)")
+    p.add_argument("--dataset", help="set name; another named --data refuses it (default: --data)")
     args = p.parse_args(argv)
     if bool(args.data) != args.classes:  # `--data shapes` once meant built-in captions
         p.error("class-level text is --classes --data NAME; per-image captions come with "

@@ -61,14 +61,15 @@ def save_atomic(write, path):
             os.remove(tmp)
 
 
-def writable(folder):
+def writable(folder, path=None):
     """folder, once it is clear, in one line, that it can be written: before the work, not after
-    an hour of it."""
+    an hour of it. With path (a file to be written there) the line names that file."""
     try:
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise UserError(f"cannot write to {folder}: {e.strerror or e}") from None
+        raise (os_error(e, path) if path else UserError(
+            f"cannot write to {folder}: {e.strerror or e}")) from None
     return folder
 
 

@@ -140,7 +140,7 @@ def prepare(root, data, task_data):
 
 def write_task(out):
     """out/{train,val}/<place>/<key>.png: new draws of the shapes, labelled by TASK's attribute."""
-    names = {"place": shapes.PLACES}[TASK["attribute"]]
+    names = ATTR_INDEX[TASK["attribute"]]
     for split, (n, seed) in TASK["splits"].items():
         images, _, attrs = shapes.draw(n, seed)
         for name in names:
@@ -181,7 +181,7 @@ def finetunes(root, task_data):
     for cell in SOURCES:
         for seed in SEEDS:
             source = folder(root, cell, seed)
-            out.append((os.path.join(root, "place", cell, f"seed{seed}"), source,
+            out.append((os.path.join(root, TASK["attribute"], cell, f"seed{seed}"), source,
                         lambda source=source, seed=seed: finetune_config(task_data, source, seed)))
     return out
 
@@ -217,13 +217,13 @@ def probes(root, data, task_data):
     """{cell: {measure: [per seed]}}: the attribute probes on the shapes set and the probe on
     the transfer set, from each source run's frozen features."""
     shapes_split = {s: tt.image_split(data, "", s) for s in ("train", "val")}
-    labels = {s: {a: torch.tensor([ATTR_INDEX[a][x[a]] for x in attributes(s, data)])
+    drawn = {s: attributes(s, data) for s in shapes_split}
+    labels = {s: {a: torch.tensor([ATTR_INDEX[a][x[a]] for x in drawn[s]])
                   for a in ATTRIBUTES} for s in shapes_split}
     task_split = {s: tt.image_split(task_data, "", s) for s in ("train", "val")}
     order = {s: shapes_order(shapes_split[s][1], s) for s in shapes_split}
     for s, (ds, _, classes) in shapes_split.items():  # the drawn attributes are the images'
-        assert [classes[y] for y in ds.targets] == [
-            attributes(s, data)[i]["shape"] for i in order[s]]
+        assert [classes[y] for y in ds.targets] == [drawn[s][i]["shape"] for i in order[s]]
     results = {}
     for cell in SOURCES:
         for seed in SEEDS:
@@ -263,7 +263,7 @@ def report(root, docs, results):
     for cell in SOURCES:
         for seed in SEEDS:
             src = compare.read_metrics(folder(root, cell, seed))
-            ft = compare.read_metrics(os.path.join(root, "place", cell, f"seed{seed}"))
+            ft = compare.read_metrics(os.path.join(root, TASK["attribute"], cell, f"seed{seed}"))
             entry = results[cell]
             entry.setdefault("shapes_top1", []).append(src[-1]["top1"])
             entry.setdefault("place_finetune_final", []).append(ft[-1]["top1"])
