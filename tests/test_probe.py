@@ -4,9 +4,12 @@ import json
 import os
 import sys
 
+import numpy as np
+import pytest
 import torch
 
-from common import ROOT
+from common import CHEAP, ROOT
+from common import folder  # noqa: F401  (a fixture)
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import features  # noqa: E402
@@ -95,3 +98,43 @@ def test_shapes_keeps_each_images_attributes_beside_its_caption(tmp_path, monkey
         assert rows == drawn
         assert [dict(r, key=k) for r, k in zip(drawn, shapes.keys(split, n))] == \
             [dict(r, key=k) for r, k in zip(features.attributes(split, out), shapes.keys(split, n))]
+
+
+def test_transfer_carries_every_arm_with_its_own_seed(folder, tmp_path):
+    """experiments/transfer.py on a compare.py folder: each arm (two seeds, baseline and
+    TextTeacher) is fine-tuned from its own final weights with its own seed (--init, --seed in
+    the fine-tune's checkpoint), probed with exactly the linear probe of its frozen features,
+    and summarised as paired differences to the baseline of the same seed; an unfinished arm is
+    refused in one line."""
+    import compare
+    import textteacher as tt
+    argv = ["--data", folder[0], "--img-size", "16", "--patch-size", "8", "--model", "micro",
+            "--batch-size", "32", "--epochs", "1", "--workers", "0", "--threads", "1",
+            "--out-dir", str(tmp_path), *CHEAP]
+    compare.main(argv + ["--text", folder[1], "--name", "c", "--seeds", "2"])
+    root = str(tmp_path / "c")
+    summary = transfer.transfer(root, argv, finetune=True, do_probe=True)
+    for seed in (0, 1):
+        for arm in ("baseline", "textteacher"):
+            ft = torch.load(os.path.join(root, "transfer-pets", f"seed{seed}-{arm}",
+                                         "checkpoint.pt"), weights_only=True)
+            assert ft["config"]["init"] == os.path.join(root, f"seed{seed}-{arm}")
+            assert ft["config"]["seed"] == seed and ft["text_dim"] == 0
+
+    def direct(arm, seed):  # the probe by hand: the arm's ViT, its features, linear_probe
+        args, state, _ = tt.read_source(os.path.join(root, f"seed{seed}-{arm}"))
+        vit = tt.ViT(**args)
+        vit.load_state_dict(state)
+        xy = [transfer.features(vit, ds, torch.tensor(ds.targets), 16) for ds in (
+            tt.image_split(folder[0], "", s)[0] for s in ("train", "val"))]
+        return transfer.linear_probe(*xy[0], *xy[1])
+
+    probes = {a: [direct(a, seed) for seed in (0, 1)] for a in ("baseline", "textteacher")}
+    assert summary["textteacher"]["probe"][0] == pytest.approx(np.mean(probes["textteacher"]))
+    assert summary["textteacher"]["probe_diff"][0] == pytest.approx(
+        np.mean(np.subtract(probes["textteacher"], probes["baseline"])))
+    with open(os.path.join(root, "transfer-pets.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(summary))
+    os.remove(os.path.join(root, "seed0-baseline", "export", "config.json"))  # unfinished
+    with pytest.raises(transfer.cli.UserError, match="seed0-baseline is not finished"):
+        transfer.transfer(root, argv, finetune=False, do_probe=True)
