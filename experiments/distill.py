@@ -329,6 +329,7 @@ def table(runs, arms, seeds):
     return out, "\n".join(lines)
 
 
+@cli.releasing  # the claim on runs/NAME ends with main
 def main(argv=None):
     p = tt.Parser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                   description="Distillation arms beside the baseline and TextTeacher (every "
@@ -369,6 +370,7 @@ def main(argv=None):
         # the folder is made by its first arm (or the CLIP cache): a refused command leaves none
         root = os.path.join(cli.writable(cfg.out_dir), cfg.name or time.strftime(
             "distill-%Y%m%d-%H%M%S"))
+        cli.lock(root, "--name")  # one comparison per folder: a second is refused at once
         seeds = list(range(cfg.seed, cfg.seed + args.seeds))
         arms = arms_of(cfg, args, root, tt.compute_setup(cfg)[0])
         runs = {}

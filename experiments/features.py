@@ -322,6 +322,7 @@ def plot(docs, diffs, measures):
     fig.savefig(os.path.join(docs, "features.png"), dpi=110)
 
 
+@cli.releasing  # the claim on --root ends with main
 def main(argv=None):
     p = argparse.ArgumentParser(description="What the text puts into the features.")
     p.add_argument("--root", default="runs/study", help="the study's runs, reused where present")
@@ -334,6 +335,7 @@ def main(argv=None):
     cli.need(args.workers >= 1, f"--workers must be 1 or more, got {args.workers}")
     if args.worker >= 0:
         return work(args.root, args.data, args.task_data, args.worker, args.workers)
+    cli.lock(args.root, "--root")  # the study's folder: one of them at a time
     prepare(args.root, args.data, args.task_data)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, __file__, *(argv or sys.argv[1:]), "--worker",

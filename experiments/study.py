@@ -222,14 +222,13 @@ def main(argv=None):
     need(args.workers >= 1, f"--workers must be 1 or more, got {args.workers}")
     if args.worker >= 0:  # a worker of the study below, which holds the claim on --root
         return work(args.root, args.data, args.worker, args.workers)
+    # One study per root: a second one would start the same runs, refused by the trainer one
+    # by one in the middle of its work; its workers claim each run folder as they train it.
+    cli.lock(cli.writable(args.root), "--root")
     # where the results go, and what draws them, checked before an hour of runs
-    cli.writable(args.root)
     cli.writable(args.docs)
     need(importlib.util.find_spec("matplotlib"), "the study draws docs/study.png with "
          "matplotlib, which is optional: pip install matplotlib")
-    # One study per root: a second one would start the same runs, refused by the trainer one
-    # by one in the middle of its work; its workers claim each run folder as they train it.
-    cli.lock(args.root, "--root")
     prepare(args.root, args.data)
     run_workers(args)
     report(args.root, args.docs)

@@ -114,6 +114,7 @@ def arms_in(root):
     return found
 
 
+@cli.releasing  # the claim on ROOT/transfer-DATA ends with it
 def transfer(root, argv, finetune, do_probe):
     """Every arm of root carried to the target set; returns the summary (see the docstring)."""
     cfg, _ = tt.parse_config(argv)

@@ -159,7 +159,8 @@ def test_a_claim_is_released_by_a_failed_train_and_refuses_another_process(tmp_p
 
     with pytest.raises(ValueError):
         claims_then_fails(str(tmp_path / "x"))
-    assert not os.path.exists(tmp_path / ".x.lock") and not cli_module._held
+    assert not os.path.exists(tmp_path / ".x.lock")
+    assert str(tmp_path / "x") not in cli_module._held
     import subprocess
     import sys
     holder = subprocess.Popen([sys.executable, "-c", (
