@@ -24,6 +24,16 @@ textteacher below the baseline with clean labels (the study measured -9.5 +- 3.6
 scaled-teacher slower per epoch than textteacher (a forward pass of a 5.5M-parameter teacher
 in every step, against a linear head). The table reports every arm whatever its sign.
 
+A follow-up, planned after the demo (where kd fell short of the baseline, -2.0 +- 1.9 p.p.) and
+before it ran: is it RichKD's weighting, a KD term of beta T^2 = 27 against a CE of weight 1,
+that holds the student back? The same demo's kd arm with T = 1 and beta = 1 (the plain match of
+the teacher's probabilities at the weight of the labels), seeds 0, 1, 2, paired with the
+baseline: if the weighting is the cause, this kd reaches the baseline or passes it; if it still
+falls short, the weighting is not the cause (the 15 epochs or the teacher are left, untested).
+
+    python experiments/distill.py --data shapes --teacher runs/shapes-teacher --arms kd \
+        --temperature 1 --beta 1 --seeds 3 --name distill-shapes-t1
+
 The arms (T the temperature, beta the KD weight, a the fusion weight; RichKD's released
 configuration: T = 3, beta = 3, a = 0.7, CE weight 1):
   baseline        L = CE(z_S, y)                                      (lambda 0)
