@@ -22,7 +22,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "tests"))
 from common import (CHEAP, RANDOM, assert_same_weights, base_args, checkpoint,  # noqa: E402
-                    fails, folder, free_port, metrics, one_line,
+                    crash_in_epoch, fails, folder, free_port, metrics, one_line,
                     poison_at_call, run, sensitive, start_paused, untimed, wait_for_pause,
                     write_embeddings, write_folder)
 import textteacher as tt  # noqa: E402
@@ -1006,17 +1006,10 @@ def test_a_crash_after_epoch_one_then_resume_equals_an_uninterrupted_run(folder,
     """The pitfall "resume does not restore RNG or scaler state", turned around: the machine
     dies after epoch 1 was checkpointed, and the resumed run ends with the weights and the log
     of the run that never stopped."""
-    evaluate, calls = tt.evaluate, []
-
-    def crash_in_second_epoch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("power cut")
-        return evaluate(*a, **k)
-    monkeypatch.setattr(tt, "evaluate", crash_in_second_epoch)
+    crash_in_epoch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="power cut"):
         run(base_args(folder, tmp_path, *RANDOM, "--name", "cut"))
-    monkeypatch.setattr(tt, "evaluate", evaluate)
+    monkeypatch.undo()
     assert checkpoint(tmp_path / "cut")["epoch"] == 1
     assert run(["--resume", tmp_path / "cut"]) == 0
     assert_same_weights(checkpoint(tmp_path / "cut")["model"], checkpoint(reference)["model"])

@@ -200,6 +200,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def crash_in_epoch(monkeypatch, n):
+    """The machine dies at the evaluation of epoch n (after epoch n - 1 was checkpointed)."""
+    evaluate, calls = tt.evaluate, []
+
+    def crash(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("power cut")
+        return evaluate(*a, **k)
+    monkeypatch.setattr(tt, "evaluate", crash)
+
+
 def poison_at_call(monkeypatch, n, value=float("inf")):
     """Make the loss of the n-th call of step_losses (counted from 1) non-finite."""
     real, calls = tt.step_losses, []

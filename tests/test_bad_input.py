@@ -21,8 +21,8 @@ import pytest
 import torch
 import tqdm
 from common import (CHEAP, RANDOM, ROOT, TEXT_DIM, assert_same_weights, base_args, checkpoint,
-                    cli, fails, folder, metrics, one_line, poison_at_call, run, snapshot,
-                    untimed, write_embeddings, write_folder)
+                    cli, crash_in_epoch, fails, folder, metrics, one_line, poison_at_call, run,
+                    snapshot, untimed, write_embeddings, write_folder)
 
 import textteacher as tt
 
@@ -48,18 +48,6 @@ def finished(folder, tmp_path_factory):
     with contextlib.redirect_stdout(stdout):
         assert run(args) == 0
     return str(out / "x"), [str(a) for a in args], str(out / "text.pt"), stdout.getvalue()
-
-
-def crash_in_epoch(monkeypatch, n):
-    """The machine dies at the evaluation of epoch n (after epoch n - 1 was checkpointed)."""
-    evaluate, calls = tt.evaluate, []
-
-    def crash(*a, **k):
-        calls.append(1)
-        if len(calls) == n:
-            raise RuntimeError("power cut")
-        return evaluate(*a, **k)
-    monkeypatch.setattr(tt, "evaluate", crash)
 
 
 @contextlib.contextmanager

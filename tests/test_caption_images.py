@@ -53,16 +53,20 @@ def write_png(path, size, seed):
     img.save(path)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """train/ with 12 images in 3 classes (sizes from 20x28 to 64x40), val/ with one per class."""
-    root = tmp_path_factory.mktemp("images")
+def write_pictures(root):
+    """root/train/ with 12 images in 3 classes (sizes from 20x28 to 64x40), val/ with one per
+    class; returns root as a string."""
     for c, cls in enumerate(("cat", "dog", "fox")):
         for j in range(4):
             size, seed = (20 + 11 * j, 28 + 4 * c), 10 * c + j
             write_png(root / "train" / cls / f"{cls}_{j}.png", size, seed)
         write_png(root / "val" / cls / f"{cls}_val.png", (32, 32), 100 + c)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_pictures(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,11 @@ import signal
 import pytest
 import torch
 
-from common import (CHEAP, base_args, checkpoint, fails, metrics, run, snapshot, start_paused,
-                    wait_for_pause, write_embeddings, write_folder)
+from common import (CHEAP, base_args, checkpoint, crash_in_epoch, fails, metrics, run, snapshot,
+                    start_paused, wait_for_pause, write_embeddings, write_folder)
 from common import folder  # noqa: F401  (a fixture)
 import cli as cli_module
 import textteacher as tt
-
-
-def crash_in_epoch(monkeypatch, n):
-    """The machine dies at the evaluation of epoch n (after epoch n - 1 was checkpointed)."""
-    evaluate, calls = tt.evaluate, []
-
-    def crash(*a, **k):
-        calls.append(1)
-        if len(calls) == n:
-            raise RuntimeError("power cut")
-        return evaluate(*a, **k)
-    monkeypatch.setattr(tt, "evaluate", crash)
 
 
 def test_a_second_trainer_with_the_same_name_is_refused_and_the_first_is_unharmed(

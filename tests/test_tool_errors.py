@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from common import CHEAP, ROOT, base_args, checkpoint, folder, metrics, snapshot, write_embeddings
-from test_caption_images import FAST, blip, write_png
+from test_caption_images import FAST, blip, write_pictures, write_png
 
 import caption_embed
 import caption_images
@@ -105,13 +105,7 @@ def read_only(path):
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
     """An image folder for caption_images.py: 12 training images in 3 classes, 3 validation."""
-    root = tmp_path_factory.mktemp("pictures")
-    for c, cls in enumerate(("cat", "dog", "fox")):
-        for j in range(4):
-            size, seed = (20 + 11 * j, 28 + 4 * c), 10 * c + j
-            write_png(root / "train" / cls / f"{cls}_{j}.png", size, seed)
-        write_png(root / "val" / cls / f"{cls}_val.png", (32, 32), 100 + c)
-    return str(root)
+    return write_pictures(tmp_path_factory.mktemp("pictures"))
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from common import (CHEAP, RANDOM, TEXT_DIM, assert_same_weights, base_args, checkpoint, fails,
-                    folder, run, untimed)
+from common import (CHEAP, RANDOM, TEXT_DIM, assert_same_weights, base_args, checkpoint,
+                    crash_in_epoch, fails, folder, run, untimed)
 
 import imagesets
 import textteacher as tt
@@ -240,14 +240,8 @@ def test_a_fine_tuning_run_resumes_bit_for_bit(folder, source, tmp_path, monkeyp
     shutil.copytree(os.path.join(source, "export"), init)
     args = tune_args(folder[0], tmp_path, init, "--epochs", "2", *RANDOM)
     assert run(args + ["--name", "full"]) == 0
-    evaluate, calls = tt.evaluate, []
-
-    def crash_in_second_epoch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("power cut")
-        return evaluate(*a, **k)
-    monkeypatch.setattr(tt, "evaluate", crash_in_second_epoch)
+    evaluate = tt.evaluate
+    crash_in_epoch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="power cut"):
         run(args + ["--name", "cut"])
     monkeypatch.setattr(tt, "evaluate", evaluate)
