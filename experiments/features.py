@@ -158,7 +158,7 @@ def base_config(data, *more):
     return cfg
 
 
-def jobs(root, data, task_data):
+def jobs(root, data):
     """Every run as (folder, config, caption variant): the source runs first, then the
     fine-tunes (which need their source)."""
     out = []
@@ -199,7 +199,7 @@ def finetune_config(task_data, source, seed):
 
 def work(root, data, task_data, worker, workers):
     """This worker's share: every workers-th source run, then every workers-th fine-tune."""
-    for path, cfg, captions in jobs(root, data, task_data)[worker::workers]:
+    for path, cfg, captions in jobs(root, data)[worker::workers]:
         on_epoch = compare.alignment(cfg, os.path.join(root, "text-full.pt")) if captions else None
         compare.run_arm(cfg, path, on_epoch=on_epoch)
     # the fine-tunes start once every source run of this worker is done; a source run of the
@@ -227,9 +227,7 @@ def probes(root, data, task_data):
     results = {}
     for cell in SOURCES:
         for seed in SEEDS:
-            args, _, classes = tt.read_source(folder(root, cell, seed))
-            vit = tt.ViT(**args)
-            tt.load_source(vit, folder(root, cell, seed), classes)
+            vit = transfer.frozen_vit(folder(root, cell, seed), 32)
             feats = {s: transfer.features(vit, ds, torch.tensor(ds.targets), 32)[0]
                      for s, (ds, _, _) in shapes_split.items()}
             entry = results.setdefault(cell, {})

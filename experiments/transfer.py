@@ -84,16 +84,23 @@ def linear_probe(x, y, x_val, y_val, weight_decay=1e-3, max_iter=500):
         return 100 * (x_val @ W + b).argmax(1).eq(y_val).double().mean().item()
 
 
-def probe(source, data, data_dir, img_size, protocol="official"):
-    """The probe's top-1 on the validation split of data, for the ViT of a run or export."""
-    args, _, classes = tt.read_source(source)
+def frozen_vit(source, img_size):
+    """The ViT of a run or export at img_size, its position embedding resized as --init
+    resizes it, read once; its class head is kept but not used."""
+    args, state, _ = tt.read_source(source)
     vit = tt.ViT(**dict(args, img_size=img_size))
-    tt.load_source(vit, source, classes)  # resized position embedding; the head is not used
-    split = {}
-    for name in ("train", "val"):
-        dataset, _, _ = tt.image_split(data, data_dir, name, protocol)
-        split[name] = features(vit, dataset, torch.tensor(dataset.targets), img_size)
-    return linear_probe(*split["train"], *split["val"])
+    state["pos_embed"] = tt.resize_pos_embed(state["pos_embed"], img_size // args["patch_size"])
+    vit.load_state_dict(state)
+    return vit
+
+
+def probe(source, splits, img_size):
+    """The probe's top-1 on splits["val"] (fitted on splits["train"], datasets of image_split)
+    for the ViT of a run or export."""
+    vit = frozen_vit(source, img_size)
+    train, val = (features(vit, splits[s], torch.tensor(splits[s].targets), img_size)
+                  for s in ("train", "val"))
+    return linear_probe(*train, *val)
 
 
 # ----------------------------------------------------------------------------
@@ -121,7 +128,10 @@ def transfer(root, argv, finetune, do_probe):
     tt.check_config(cfg)
     out = os.path.join(root, f"transfer-{os.path.basename(cfg.data.rstrip('/'))}")
     cli.lock(cli.writable(out), "transfer")
-    results = {}
+    results, splits = {}, {}
+    if do_probe:  # the target set's images, listed once for every arm
+        splits = {s: tt.image_split(cfg.data, cfg.data_dir, s, cfg.split)[0]
+                  for s in ("train", "val")}
     for (seed, arm), source in sorted(arms_in(root).items()):
         entry = results.setdefault(arm, {})
         if finetune:
@@ -131,7 +141,7 @@ def transfer(root, argv, finetune, do_probe):
             entry.setdefault("final", []).append(history[-1]["top1"])
             entry.setdefault("best", []).append(history[-1]["best_top1"])
         if do_probe:
-            top1 = probe(source, cfg.data, cfg.data_dir, cfg.img_size, cfg.split)
+            top1 = probe(source, splits, cfg.img_size)
             entry.setdefault("probe", []).append(top1)
         print(f"seed {seed} {arm}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in entry.items()),
               flush=True)

@@ -124,12 +124,18 @@ def test_transfer_carries_every_arm_with_its_own_seed(folder, tmp_path):
     def direct(arm, seed):  # the probe by hand: the arm's ViT, its features, linear_probe
         args, state, _ = tt.read_source(os.path.join(root, f"seed{seed}-{arm}"))
         vit = tt.ViT(**args)
-        vit.load_state_dict(state)
+        vit.load_state_dict(state)  # the same size: nothing to resize
         xy = [transfer.features(vit, ds, torch.tensor(ds.targets), 16) for ds in (
             tt.image_split(folder[0], "", s)[0] for s in ("train", "val"))]
         return transfer.linear_probe(*xy[0], *xy[1])
 
     probes = {a: [direct(a, seed) for seed in (0, 1)] for a in ("baseline", "textteacher")}
+    source = os.path.join(root, "seed0-textteacher")  # at another size: resized as --init does
+    args, _, classes = tt.read_source(source)
+    by_init = tt.ViT(**dict(args, img_size=24))
+    tt.load_source(by_init, source, classes)
+    frozen = transfer.frozen_vit(source, 24).state_dict()
+    assert all(torch.equal(frozen[k], v) for k, v in by_init.state_dict().items())
     assert summary["textteacher"]["probe"][0] == pytest.approx(np.mean(probes["textteacher"]))
     assert summary["textteacher"]["probe_diff"][0] == pytest.approx(
         np.mean(np.subtract(probes["textteacher"], probes["baseline"])))
