@@ -58,7 +58,8 @@ DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # textteacher.py's default --data-dir of each named data set: the same --data then gives the
 # same class keys here as there (a PATH is a data folder of its own).
-DATA_DIRS = {"cifar100": "data", "imagenet": "data/imagenet", "shapes": "data/shapes"}
+DATA_DIRS = {"cifar10": "data", "cifar100": "data", "imagenet": "data/imagenet",
+             "shapes": "data/shapes"}
 
 
 # ----------------------------------------------------------------------------
@@ -325,9 +326,10 @@ def class_prompts(data, data_dir, names_file):
     import torchvision  # only here: the other modes do not need it
     data_dir = data_dir or DATA_DIRS.get(data)
     root = os.path.join(data_dir if data in DATA_DIRS else data, "train")
-    try:  # CIFAR-100 is downloaded when absent, as textteacher.py does
-        keys = (torchvision.datasets.CIFAR100(data_dir, download=True).classes
-                if data == "cifar100" else torchvision.datasets.folder.find_classes(root)[0])
+    try:  # CIFAR-10 and -100 are downloaded when absent, as textteacher.py does
+        named = data in ("cifar10", "cifar100")
+        keys = (getattr(torchvision.datasets, data.upper())(data_dir, download=True).classes
+                if named else torchvision.datasets.folder.find_classes(root)[0])
         with open(names_file or os.devnull, encoding="utf-8") as f:
             table = dict(line.strip().split(None, 1) for line in f if line.strip())
     except (RuntimeError, OSError, ValueError) as e:  # ValueError: a line without a name
@@ -398,7 +400,7 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--captions", help="per-image captions: .txt/.tsv, .csv or .jsonl")
-    source.add_argument("--data", help="with --classes: cifar100, imagenet, shapes or PATH")
+    source.add_argument("--data", help="with --classes: cifar10, cifar100, imagenet, shapes, PATH")
     source.add_argument("--import-zip", help="the paper's all_encodings.zip, nothing re-encoded")
     p.add_argument("--val-captions", help="validation captions, stored as val_keys/val_embeddings")
     p.add_argument("--classes", action="store_true", help="one prompt-ensembled row per class")

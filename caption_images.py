@@ -339,8 +339,6 @@ def main(argv=None):
     # 16-bit PNG scaled to 8 bits by its loader). A missing or empty data set is its
     # UserError, reported in one line like every other here.
     dataset, keys, _ = textteacher.image_split(args.data, args.data_dir, args.split)
-    if len(set(keys)) != len(keys):  # the same file name in two class folders
-        raise UserError(f"{args.data}/{args.split} has two images of one file name; rename one")
     # All a caption depends on: a run that continues another must match it exactly. The batch
     # size and the workers are not here, as they do not change a caption (tested).
     settings = dict(model=args.model, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,

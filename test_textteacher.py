@@ -252,15 +252,17 @@ def test_export_drops_the_text_head_and_reproduces_the_logits(spied):
     assert not any("text" in k for k in weights)  # ...exported without it
     with open(os.path.join(run_dir, "export", "config.json")) as f:
         config = json.load(f)
-    vit = tt.ViT(**config["model_args"]).eval()
+    vit = tt.ViT(**config["textteacher"]["model_args"]).eval()
     vit.load_state_dict(weights, strict=True)
     trained = tt.TextTeacher(tt.ViT(**ckpt["model_args"]), ckpt["text_dim"]).eval()
     trained.load_state_dict(ckpt["model"])
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(vit(x), trained(x)[0])
-    assert config["timm_kwargs"] == tt.timm_kwargs(config["model_args"])
-    assert config["timm_kwargs"]["no_embed_class"] and config["classes"] == ["a", "b", "c"]
+    # timm's own format: what timm.create_model("local-dir:EXPORT") reads
+    assert config["model_args"] == tt.timm_kwargs(config["textteacher"]["model_args"])
+    assert config["model_args"]["no_embed_class"] and config["label_names"] == ["a", "b", "c"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 16, 16]
 
 
 def test_a_frozen_text_head_keeps_its_init():

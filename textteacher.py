@@ -48,10 +48,12 @@ import torchvision
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 import cli  # how every script of the project reports errors, writes files and claims outputs
-import imagesets  # CIFAR-100 and the paper's six transfer sets by name; the image loader
+import imagesets  # CIFAR-10/100, the paper's six transfer sets by name, and image folders
 from cli import UserError, need, save_atomic
+from lamb import Lamb  # LAMB (You et al., 2020), the optimiser of DeiT III's recipe
 
 
 class Diverged(UserError):
@@ -75,11 +77,33 @@ def opt(default, help, allowed=None):
 POSITIVE, COUNT, UNIT = "(0, inf)", "[0, inf)", "[0, 1)"
 
 
+# Per-dataset presets, applied over the defaults of Config (the paper's ImageNet recipe) and
+# under the flags given; `--data NAME --help` lists the defaults that apply. The 32 px ones are
+# this project's choices, not the paper's: cifar10/cifar100 for a GPU; RECIPES' small for a
+# CPU and any folder of small photos (ViT-micro on 16 tokens: about 25 s per epoch of 10 000
+# images on one core), which --data PATH takes by itself when its images are at most 64 px.
+SMALL = dict(img_size=32, optimizer="adamw", lr=1e-3, weight_decay=0.05, opt_eps=1e-8)
+CIFAR = dict(SMALL, data_dir="data", patch_size=4, model="tiny", epochs=200, batch_size=256,
+             drop_path=0.1)
+PRESETS = {
+    "imagenet": dict(data_dir="data/imagenet"), "cifar10": CIFAR, "cifar100": CIFAR,
+    "shapes": dict(SMALL, data_dir="data/shapes", patch_size=8, model="micro", epochs=15,
+                   batch_size=64, warmup_epochs=0, drop_path=0.0, cutmix=0.0, augment="none",
+                   workers=0, log_every=10),
+    **imagesets.TRANSFER_PRESETS,  # the transfer sets' fine-tuning recipe
+}
+RECIPES = {"small": dict(SMALL, patch_size=8, model="micro", epochs=30, batch_size=128,
+                         warmup_epochs=0, drop_path=0.0, cutmix=0.0, augment="crop"),
+           **PRESETS}  # --preset NAME: a recipe, not a data set (a folder may be named so)
+
+
 @dataclasses.dataclass
 class Config:
     # data
-    data: str = opt("imagenet", "a name of PRESETS (imagenet, cifar100, shapes, the transfer "
+    data: str = opt("imagenet", "a named set (imagenet, cifar10, cifar100, shapes, the transfer "
                     "sets) | PATH with train/ and val/")
+    preset: str = opt("", "the recipe of PRESETS to start from (default: --data's own; for a PATH "
+                      "small if its images are at most 64 px, else imagenet)", tuple(RECIPES))
     data_dir: str = opt("data/imagenet", "root of a named --data (PATH: not used)")
     split: str = opt("official", "transfer sets' training split: official (the paper's code) | "
                      "trainval (the common protocol)", ("official", "trainval"))
@@ -126,19 +150,6 @@ class Config:
     resume: str = opt("", "continue the run of this checkpoint or run folder exactly")
 
 
-# Per-dataset presets, applied over the defaults above (the paper's ImageNet recipe) and under
-# the flags given; `--data NAME --help` lists the defaults that apply. cifar100 and shapes are
-# this project's choices for 32 px images, not the paper's.
-SMALL = dict(img_size=32, optimizer="adamw", lr=1e-3, weight_decay=0.05, opt_eps=1e-8)
-PRESETS = {
-    "imagenet": dict(data_dir="data/imagenet"),
-    "cifar100": dict(SMALL, data_dir="data", patch_size=4, model="tiny", epochs=200,
-                     batch_size=256, drop_path=0.1),
-    "shapes": dict(SMALL, data_dir="data/shapes", patch_size=8, model="micro", epochs=15,
-                   batch_size=64, warmup_epochs=0, drop_path=0.0, cutmix=0.0, augment="none",
-                   workers=0, log_every=10),
-}
-PRESETS.update(imagesets.TRANSFER_PRESETS)  # the transfer sets' fine-tuning recipe
 # What a resumed run may change: how it computes; the learning rate and clipping, which rescue
 # a diverged run (the change is printed); and where its inputs are, if they are the same.
 RESUME_FREE = {"workers", "threads", "device", "compile", "ckpt_every", "log_every", "resume",
@@ -154,7 +165,11 @@ def parse_config(argv=None):
     """(Config, names of the flags given): the defaults, the preset of --data, then the flags."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--data", default=Config.data)
-    preset = PRESETS.get(first.parse_known_args(argv)[0].data, {})  # a PATH: the paper's recipe
+    first.add_argument("--preset", default="")
+    known = first.parse_known_args(argv)[0]
+    name = known.preset or (known.data if known.data in PRESETS else
+                            imagesets.recipe_of(known.data))
+    preset = dict(RECIPES.get(name, {}), preset=name)
     parser = Parser(description="TextTeacher: a ViT classifier taught by captions.",
                     epilog=f"presets: {', '.join(PRESETS)}; see one's defaults: --data NAME -h")
     for f in dataclasses.fields(Config):
@@ -201,7 +216,7 @@ def check_config(cfg):
 
 
 # ----------------------------------------------------------------------------
-# Data: CIFAR-100 and image folders through torchvision, and an exactly resumable sampler
+# Data: named sets and image folders (imagesets.py), and an exactly resumable sampler
 
 IMAGENET = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # mean, std
 
@@ -209,28 +224,21 @@ IMAGENET = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # mean, std
 def image_split(data, data_dir, split, protocol="official"):
     """(dataset, keys, classes) of the split "train" or "val", without transforms: dataset[i]
     is (PIL image, label). keys[i] names sample i in caption and embeddings files: its index
-    for CIFAR-100, its file name elsewhere (the paper's ImageNet encodings are keyed so)."""
-    data_dir = data_dir or PRESETS.get(data, {}).get("data_dir")
-    if data in imagesets.NAMED:  # CIFAR-100 and the transfer sets, through torchvision
-        return imagesets.image_split(data, data_dir, split, protocol)
-    root = os.path.join(data_dir if data in PRESETS else data, split)
-    try:  # imagesets.rgb: ImageFolder's loader, but 16-bit images scaled, not clipped
-        ds = torchvision.datasets.ImageFolder(root, loader=imagesets.rgb)
-    except OSError as e:
-        raise UserError(f"{root}: {e}; a data folder holds train/ and val/ with one sub-folder "
-                        "of images per class") from None
-    need(len(ds.classes) > 1, f"{root} holds one class folder: a classifier needs two or more")
-    return ds, imagesets.file_keys(ds, root), ds.classes
+    for CIFAR, its file name elsewhere (the paper's ImageNet encodings are keyed so), or its
+    path CLASS/FILE where file names repeat across classes (imagesets.file_keys)."""
+    if data not in PRESETS:  # an image folder: PATH/train/CLASS/IMAGE
+        return imagesets.image_split(data, data, split, protocol)
+    return imagesets.image_split(data, data_dir or PRESETS[data].get("data_dir"), split, protocol)
 
 
 class Samples(Dataset):
-    """A split's samples as (uint8 image [3, S, S], label, index), the short side resized to S.
-    A training sample comes with a seed of its own (from EpochSampler) that fixes its
-    augmentation, whichever worker draws it: a resumed run sees exactly the same crops."""
+    """A split's samples as (uint8 image [3, S, S], label, index). A training sample comes with
+    a seed of its own (from EpochSampler) that fixes its augmentation, whichever worker draws
+    it: a resumed run sees exactly the same crops. Evaluation resizes the short side to S with
+    PIL's bicubic filter and takes the centre crop: what timm's transform of the export does."""
 
     def __init__(self, dataset, labels, img_size, transform=None):
-        self.dataset, self.labels, self.size = dataset, labels, img_size
-        self.transform = transform or T.CenterCrop(img_size)  # evaluation: a centre crop
+        self.dataset, self.labels, self.size, self.transform = dataset, labels, img_size, transform
 
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, 0)
@@ -239,20 +247,21 @@ class Samples(Dataset):
         except OSError as e:
             name = self.dataset.samples[i][0] if hasattr(self.dataset, "samples") else i
             raise UserError(f"cannot decode image {name} ({e}); delete or replace it") from None
-        x = TF.pil_to_tensor(TF.resize(image, self.size, T.InterpolationMode.BICUBIC))
+        if self.transform is None:
+            x = TF.pil_to_tensor(TF.resize(image, self.size, T.InterpolationMode.BICUBIC))
+            return TF.center_crop(x, [self.size, self.size]), self.labels[i], i
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(x), self.labels[i], i
+            return self.transform(image), self.labels[i], i
 
 
 def train_transform(cfg):
-    """3-Augment (DeiT III): padded random crop, flip, one of {grayscale, solarize, blur},
-    colour jitter. No RandAugment, mixup or random erasing, as in the paper's recipe."""
-    crop = T.RandomCrop(cfg.img_size, padding=4, padding_mode="reflect")
-    if cfg.augment != "3aug":
-        return crop if cfg.augment == "crop" else T.CenterCrop(cfg.img_size)
-    one = T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, 1.0), T.GaussianBlur(7, (0.2, 2))])
-    return T.Compose([crop, T.RandomHorizontalFlip(), one, T.ColorJitter(0.3, 0.3, 0.3)])
+    """3-Augment (DeiT III): the short side resized to S (bicubic), a random crop S of the image
+    padded by 4 (reflect), flip, one of {grayscale, solarize, blur (kernel 7, sigma 0.2-2)},
+    colour jitter 0.3. No RandAugment, mixup or random erasing, as in the paper's recipe.
+    imagesets.ThreeAugment is torchvision's transforms, their draws and their pixels, at a third
+    of the cost: it decides how many images a CPU core feeds a GPU."""
+    return imagesets.ThreeAugment(cfg.img_size, cfg.augment)
 
 
 def normalize(images):
@@ -328,8 +337,12 @@ class TextTargets:
         row_of = {k: r for r, k in enumerate(emb["keys"])}
         wanted = class_keys if self.level == "class" else keys
         missing = [k for k in wanted if k not in row_of]  # never dropped (the official code does)
+        # a key CLASS/FILE: the folder repeats file names across classes, so a file keyed by
+        # names alone cannot say which image a name means (imagesets.file_keys)
         need(not missing, f"{len(missing)} of {len(wanted)} {self.level} keys have no target in "
-             f"{path}, e.g. {', '.join(missing[:3])}: another dataset's file?")
+             f"{path}, e.g. {', '.join(missing[:3])}: " + ("file names repeat across the class "
+             "folders, so captions are keyed CLASS/FILE (caption_images.py writes them so)"
+             if any("/" in k for k in missing[:1]) else "another dataset's file?"))
         self.rows = torch.tensor([row_of[k] for k in wanted])  # sample (or class) -> file row
 
     def __call__(self, index, labels, images, lam):
@@ -550,47 +563,6 @@ def mix(x, lam):
 # ----------------------------------------------------------------------------
 # Optimiser and learning-rate schedule
 
-class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al., 2020), the optimiser of DeiT III's recipe. For each tensor p:
-
-        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2;   t = step
-        u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + wd p
-        p = p - lr r u,   r = ||p|| / ||u|| (1 if either is 0) where wd > 0, else r = 1
-
-    The trust ratio r gives every weight matrix a step proportional to its own norm, which lets
-    a 2048 batch train at lr 3e-3. As in timm's Lamb, tensors without decay take Adam steps."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if not self.state[p]:
-                    self.state[p].update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
-                self.state[p]["step"] += 1
-            if not params:
-                continue
-            # the formula on all tensors of the group at once: a torch._foreach_ call is one
-            # operation on a list of tensors, where a loop would launch kernels per tensor
-            g = [p.grad for p in params]
-            m, v, t = ([self.state[p][k] for p in params] for k in ("m", "v", "step"))
-            torch._foreach_lerp_(m, g, 1 - b1)  # m + (1 - b1) (g - m) = b1 m + (1 - b1) g
-            torch._foreach_lerp_(v, torch._foreach_mul(g, g), 1 - b2)  # b2 v + (1 - b2) g^2
-            v_hat = torch._foreach_div(v, [1 - b2 ** s for s in t])
-            denom = torch._foreach_add(torch._foreach_sqrt(v_hat), eps)
-            u = torch._foreach_div(torch._foreach_div(m, [1 - b1 ** s for s in t]), denom)
-            if wd != 0:
-                torch._foreach_add_(u, params, alpha=wd)
-                p_norm, u_norm = (torch.stack(torch._foreach_norm(x)) for x in (params, u))
-                r = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)  # per tensor
-                torch._foreach_mul_(u, list(r.unbind()))
-            torch._foreach_add_(params, u, alpha=-lr)
-
-
 def build_optimizer(cfg, model, device):
     """Weight decay on weight matrices only: biases, norms, LayerScale, pos_embed and cls_token
     are exempt (decay would pull the learned tokens and residual scales toward zero)."""
@@ -660,7 +632,9 @@ def read_source(path):
         from safetensors.torch import load_file
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-        return config["model_args"], load_file(f"{path}/model.safetensors"), config["classes"]
+        ours = config.get("textteacher", config)  # an export from before timm's format: ours
+        classes = config.get("label_names", config.get("classes"))
+        return ours["model_args"], load_file(f"{path}/model.safetensors"), classes
     except Exception as e:
         raise UserError(f"{path} is not an export of this textteacher.py ({type(e).__name__}: "
                         f"{str(e)[:80]})") from None
@@ -702,18 +676,26 @@ def timm_kwargs(a):
 
 
 def export(vit, args, classes, out_dir):
-    """The deployable ViT: model.safetensors and config.json. The text head lives outside the
-    ViT, so it is not in vit.state_dict(): nothing textual is exported. Loading needs no code of
-    this project (experiments/export.py adds a torch.export program and checks the logits):
+    """The deployable ViT: model.safetensors and config.json, in timm's own format, the one the
+    Hugging Face Hub serves: timm.create_model("local-dir:EXPORT", pretrained=True) builds and
+    loads it with no code of this project, class names (label_names) included. The text head
+    lives outside the ViT, so it is not in vit.state_dict(): nothing textual is exported.
 
-        vit = timm.models.vision_transformer.VisionTransformer(**config["timm_kwargs"])
-        vit.load_state_dict(safetensors.torch.load_file("model.safetensors"))"""
+    pretrained_cfg is this project's evaluation: the short side resized to S (bicubic), then a
+    centre crop of S (crop_pct 1), ImageNet's mean and std; from it timm's resolve_data_config
+    and create_transform build the same transform. The architecture name only picks timm's
+    VisionTransformer entry point: model_args say which network it is."""
     from safetensors.torch import save
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
     save_atomic(lambda f: f.write(save(state)), os.path.join(out_dir, "model.safetensors"))
-    config = dict(model_args=args, timm_kwargs=timm_kwargs(args), classes=list(classes),
-                  input=dict(size=args["img_size"], mean=IMAGENET[0], std=IMAGENET[1]))
+    size, n = args["img_size"], args["num_classes"]
+    preprocess = dict(input_size=[3, size, size], interpolation="bicubic", crop_pct=1.0,
+                      crop_mode="center", mean=IMAGENET[0], std=IMAGENET[1], num_classes=n,
+                      first_conv="patch_embed.proj", classifier="head", fixed_input_size=True)
+    config = dict(architecture="vit_base_patch16_224", num_classes=n, num_features=args["width"],
+                  global_pool="token", label_names=list(classes), model_args=timm_kwargs(args),
+                  pretrained_cfg=preprocess, textteacher=dict(model_args=args))
     text = json.dumps(config, indent=2)
     save_atomic(lambda f: f.write(text.encode()), os.path.join(out_dir, "config.json"))
 
@@ -863,9 +845,8 @@ def train(cfg, given=(), targets=None, on_epoch=None, objective=None):
               f" process(es) x {cfg.accum} accum x {micro} = batch {cfg.batch_size}, {device}")
 
     def checkpoint(epoch, step):
-        """Everything that decides the rest of the run (no RNG state: every random draw is a
-        function of the seed and the position), written by rank 0 once the finiteness check
-        passed: a checkpoint never holds weights that a NaN step touched. Every rank calls it."""
+        """All that decides the rest of the run (no RNG state: every draw is a function of seed
+        and position), once check_finite passed (no NaN step's weights). Every rank calls it."""
         check_finite(bad, run_dir)
         if ddp:  # the loss sums so far, of all ranks' images: every rank restores them on resume
             dist.all_reduce(sums.div_(world))
@@ -882,7 +863,6 @@ def train(cfg, given=(), targets=None, on_epoch=None, objective=None):
             save_run(run_dir, state, {"config.json": config, "log.txt": log, **noise})
 
     # -- the loop ---------------------------------------------------------------------------
-    from tqdm import tqdm  # a dependency of transformers
     bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss or gradient yet?
     while epoch < cfg.epochs:
         lam = lambda_at(cfg, epoch)
@@ -895,11 +875,10 @@ def train(cfg, given=(), targets=None, on_epoch=None, objective=None):
                    disable=rank != 0 or not sys.stderr.isatty())
         while step < steps_per_epoch:
             for a in range(cfg.accum):
-                # the micro-batch's place in the global batch: one process with --accum 2 draws
-                # what two processes draw (the same images, CutMix boxes and drop-path masks)
+                # the micro-batch's place in the global batch seeds torch's RNG, which CutMix and
+                # stochastic depth draw from: one process with --accum 2 draws what two draw, and
+                # a resumed run the same boxes and masks, without any RNG state to save
                 part = a * world + rank
-                # CutMix and stochastic depth draw from torch's RNG: seeded by the position, a
-                # resumed run draws the same boxes and masks without any RNG state to save
                 torch.manual_seed(((cfg.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + part)
                 images, y, index = next(batches)
                 images = normalize(images.to(device, non_blocking=True))

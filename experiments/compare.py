@@ -149,7 +149,7 @@ def alignment(cfg, text_path, limit=500):
 
 # Config fields that say how a run computes, not what it computes: an arm is the same arm
 # whatever they were. Every other field must equal the one asked for, paths once absolute.
-HOW = {"out_dir", "name", "resume", "workers", "threads", "device", "compile", "log_every",
+HOW = {"preset", "out_dir", "name", "resume", "workers", "threads", "device", "compile", "log_every",
        "ckpt_every"}
 PATHS = ("data", "data_dir", "text", "init")
 

@@ -13,12 +13,10 @@ is refused, or with --unfinished exported to export-epochE/ (export-epochE-stepS
 which no tool reads as the run's result.
 """
 
-import json
 import os
 import sys
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
@@ -41,8 +39,9 @@ def export_checked(ckpt, out_dir):
         4, 3, args["img_size"], args["img_size"], generator=torch.Generator().manual_seed(0)
     )
     with torch.no_grad():
-        fresh = tt.ViT(**json.load(open(os.path.join(out_dir, "config.json")))["model_args"]).eval()
-        fresh.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=True)
+        fresh_args, weights, _ = tt.read_source(out_dir)  # the export as every tool reads it
+        fresh = tt.ViT(**fresh_args).eval()
+        fresh.load_state_dict(weights, strict=True)
         if not torch.equal(fresh(x), model(x)[0]):
             raise SystemExit("error: the exported weights give other logits")
         batch = torch.export.Dim("batch", min=1, max=65536)

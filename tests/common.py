@@ -108,9 +108,10 @@ def folder(tmp_path_factory):
 
 def base_args(folder, out, *more):
     """A small run on the tiny folder with text: 6 steps of 32 per epoch, 2 epochs, the paper's
-    recipe otherwise (LAMB, 3-Augment, CutMix, stochastic depth)."""
+    recipe otherwise (LAMB, 3-Augment, CutMix, stochastic depth: --preset imagenet, which a
+    folder of such small images would not get by itself)."""
     root, text, _ = folder
-    return ["--data", root, "--text", text, "--img-size", "16", "--patch-size", "8",
+    return ["--data", root, "--preset", "imagenet", "--text", text, "--img-size", "16", "--patch-size", "8",
             "--model", "micro", "--batch-size", "32", "--epochs", "2", "--warmup-epochs", "1",
             "--workers", "0", "--log-every", "10", "--threads", "1", "--out-dir", str(out),
             *more]

@@ -332,3 +332,20 @@ def test_coca_keeps_key_order_at_any_batch_size(folder, tmp_path):
     words = [len(c.split()) for c in captions]
     assert len(set(captions)) > 6 and min(words) <= 4 and max(words) >= 7
     assert one == eight
+
+
+def test_a_folder_with_repeated_file_names_is_captioned_under_the_trainers_keys(tmp_path, blip):
+    """cat/0000.png and dog/0000.png: the captions are keyed CLASS/FILE, as the trainer keys
+    such a folder, and caption_embed.py's file then matches every training image."""
+    for cls in ("cat", "dog"):
+        for j in range(3):
+            for split in ("train", "val"):
+                write_png(tmp_path / "d" / split / cls / f"{j:04d}.png", (24, 24),
+                          seed=hash((cls, j)) % 1000)
+    lines = caption(tmp_path / "c.txt", tmp_path / "d", blip)
+    keys = textteacher.image_split(str(tmp_path / "d"), None, "train")[1]
+    assert [line.split(":\t")[0] for line in lines] == keys
+    assert keys[0] == "cat/0000.png" and keys[3] == "dog/0000.png"
+    caption_embed.main(["--captions", str(tmp_path / "c.txt"), "--out", str(tmp_path / "e.pt")])
+    targets = textteacher.TextTargets(str(tmp_path / "e.pt"), keys, ["cat", "dog"])
+    assert targets.rows.tolist() == list(range(6))

@@ -43,7 +43,7 @@ def source(folder, tmp_path_factory):
 def tune_args(data, out, init, *more):
     """A fine-tuning run from --init: no --model and no --patch-size (they come from the
     source), 16 px, 3 steps of 64 per epoch on the tiny folder."""
-    return ["--data", data, "--init", init, "--img-size", "16", "--batch-size", "64",
+    return ["--data", data, "--preset", "imagenet", "--init", init, "--img-size", "16", "--batch-size", "64",
             "--epochs", "1", "--warmup-epochs", "1", "--workers", "0", "--threads", "1",
             "--log-every", "10", "--out-dir", out, *more]
 
@@ -74,7 +74,7 @@ def export_vit(export):
     from safetensors.torch import load_file
     with open(os.path.join(export, "config.json")) as f:
         config = json.load(f)
-    vit = tt.ViT(**config["model_args"]).eval()
+    vit = tt.ViT(**config["textteacher"]["model_args"]).eval()
     vit.load_state_dict(load_file(os.path.join(export, "model.safetensors")), strict=True)
     return vit, config
 
@@ -163,7 +163,8 @@ def test_a_run_from_init_starts_with_the_sources_logits(folder, source, tmp_path
     assert (cfg.model, cfg.patch_size) == ("micro", 8)
     assert start.text_head is None  # no --text: no text head
     vit, config = export_vit(os.path.join(source, "export"))
-    assert config["model_args"]["patch_size"] == 8 and config["model_args"]["width"] == 128
+    ours = config["textteacher"]["model_args"]
+    assert ours["patch_size"] == 8 and ours["width"] == 128
     assert_same_weights(start.vit.state_dict(), vit.state_dict())
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -520,7 +521,7 @@ def test_a_transfer_set_trains_end_to_end_with_its_preset(fakes, source, tmp_pat
     assert ckpt["step"] == 0 and ckpt["epoch"] == 1 and len(ckpt["history"]) == 1
     assert f"run {tmp_path / 'f'}: 6 images" in capsys.readouterr().out
     _, config = export_vit(str(tmp_path / "f" / "export"))
-    assert config["classes"] == torchvision.datasets.Flowers102.classes
+    assert config["label_names"] == torchvision.datasets.Flowers102.classes
 
 
 # ----------------------------------------------------------------------------
@@ -532,7 +533,7 @@ def changed_export(where, source, **model_args):
     shutil.copytree(os.path.join(source, "export"), where)
     with open(os.path.join(where, "config.json")) as f:
         config = json.load(f)
-    config["model_args"].update(model_args)
+    config["textteacher"]["model_args"].update(model_args)
     with open(os.path.join(where, "config.json"), "w") as f:
         json.dump(config, f)
     return where

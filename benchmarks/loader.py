@@ -1,0 +1,169 @@
+"""
+The input pipeline per CPU core: images per second of decode alone, of DeiT III's 3-Augment
+pipeline, of this project's previous one and of its current one (imagesets.ThreeAugment), taking
+turns in one process on one thread, and each stage's milliseconds per image before and after.
+
+    python benchmarks/loader.py                 # 224 px from 500 x 375 photo-like JPEGs
+    python benchmarks/loader.py --size 32 --width 32 --height 32     # CIFAR-sized
+
+An 8-GPU node training ViT-S/16 needs on the order of 20 000 images per second, so a core's
+rate decides how many cores feed it. Run it on a quiet machine: a second busy process halves
+every number here. The JPEGs are drawn in memory (smooth waves and grain, quality 90), so the
+disk is not measured.
+
+The pipelines, each from the JPEG's bytes to the tensor the model's device receives:
+  decode     PIL's decode to RGB, nothing else: the floor.
+  deit3      DeiT III's own 3-Augment (its augment.py; timm has no builder for it): torchvision's
+             PIL transforms Resize(S, bicubic), RandomCrop(S, padding 4, reflect),
+             RandomHorizontalFlip, RandomChoice(Grayscale, PIL solarize, PIL Gaussian blur of
+             radius 0.1-2), ColorJitter(0.3, 0.3, 0.3), then ToTensor and Normalize.
+  before     this project until now: PIL's resize, then torchvision's v2 transforms on uint8
+             (3-Augment as textteacher.py had it); normalised on the device.
+  ours       imagesets.ThreeAugment: the same draws and pixels as `before` but for the resize
+             and the blur (tests/test_loader.py); normalised on the device.
+Rates are the median over rounds, and each ratio the median of per-round ratios.
+"""
+import io
+import os
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import torch
+import torchvision.transforms as V1
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from PIL import ImageFilter, ImageOps
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402
+import imagesets  # noqa: E402
+import textteacher as tt  # noqa: E402
+from cli import need  # noqa: E402
+
+
+def jpegs(n, width, height):
+    """n photo-like JPEGs (bytes): waves of random period and phase per channel, and grain."""
+    out = []
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        y, x = np.mgrid[0:height, 0:width]
+        channels = [np.sin(x / rng.uniform(8, 60) + rng.uniform(0, 6)) * 80
+                    + np.cos(y / rng.uniform(8, 60) + rng.uniform(0, 6)) * 60 + 128
+                    for _ in range(3)]
+        pixels = np.stack(channels, -1) + rng.normal(0, 12, (height, width, 3))
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG",
+                                                                       quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def decode(data):
+    return PIL.Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def deit3(size):
+    """DeiT III's 3-Augment as its code builds it, on PIL images."""
+    def blur(image):
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+    return V1.Compose([
+        V1.Resize(size, interpolation=V1.InterpolationMode.BICUBIC),
+        V1.RandomCrop(size, padding=4, padding_mode="reflect"), V1.RandomHorizontalFlip(),
+        V1.RandomChoice([V1.Grayscale(3), ImageOps.solarize, blur]),
+        V1.ColorJitter(0.3, 0.3, 0.3), V1.ToTensor(), V1.Normalize(*tt.IMAGENET)])
+
+
+def before(size):
+    """The project's previous pipeline: PIL's resize, torchvision's v2 transforms on uint8."""
+    three = T.Compose([T.RandomCrop(size, padding=4, padding_mode="reflect"),
+                       T.RandomHorizontalFlip(),
+                       T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, 1.0),
+                                       T.GaussianBlur(7, (0.2, 2))]),
+                       T.ColorJitter(0.3, 0.3, 0.3)])
+    return lambda image: three(TF.pil_to_tensor(TF.resize(image, size,
+                                                          T.InterpolationMode.BICUBIC)))
+
+
+def stages(size):
+    """Each stage of `before` and of `ours` as a function of the decoded image (timed alone:
+    the later stages start from the earlier stages' output, computed once)."""
+    old_rest = T.Compose([T.RandomHorizontalFlip(), T.RandomChoice([
+        T.Grayscale(3), T.RandomSolarize(128, 1.0), T.GaussianBlur(7, (0.2, 2))]),
+        T.ColorJitter(0.3, 0.3, 0.3)])
+    old_crop = T.RandomCrop(size, padding=4, padding_mode="reflect")
+    new = imagesets.ThreeAugment(size)
+    return {
+        "resize": (lambda im: TF.pil_to_tensor(TF.resize(im, size, T.InterpolationMode.BICUBIC)),
+                   lambda im: imagesets.resize_short_side(im, size)),
+        "crop (pad 4, reflect)": (old_crop, new.crop),
+        "flip, one of 3, jitter": (old_rest, new.colour)}
+
+
+def timed(function, inputs):
+    """Milliseconds per input of function over inputs."""
+    start = time.perf_counter()
+    for x in inputs:
+        function(x)
+    return 1000 * (time.perf_counter() - start) / len(inputs)
+
+
+def main(argv=None):
+    p = tt.Parser(description="The input pipeline per CPU core, against DeiT III's.")
+    p.add_argument("--size", type=int, default=224, help="the training resolution S")
+    p.add_argument("--width", type=int, default=500, help="the JPEGs' width")
+    p.add_argument("--height", type=int, default=375, help="the JPEGs' height")
+    p.add_argument("--images", type=int, default=40, help="JPEGs per round")
+    p.add_argument("--rounds", type=int, default=7, help="rounds (each pipeline once a round)")
+    args = p.parse_args(argv)
+    for flag in ("size", "width", "height", "images", "rounds"):
+        need(1 <= getattr(args, flag) <= 4096, f"--{flag} must be in 1..4096, got "
+             f"{getattr(args, flag)}")
+    need(args.size <= min(args.width, args.height) * 8, "--size more than 8 times the images' "
+         "short side is not a benchmark of anything")
+    torch.set_num_threads(1)  # per core
+    data = jpegs(args.images, args.width, args.height)
+    images = [decode(d) for d in data]
+    S = args.size
+    pipelines = {"decode": decode, "deit3": lambda d: deit3(S)(decode(d)),
+                 "before": lambda d: before(S)(decode(d)),
+                 "ours": lambda d: imagesets.ThreeAugment(S)(decode(d))}
+    parts = stages(S)
+    resized = [parts["resize"][0](im) for im in images]
+    cropped = [parts["crop (pad 4, reflect)"][1](x) for x in resized]
+    stage_inputs = {"resize": images, "crop (pad 4, reflect)": resized,
+                    "flip, one of 3, jitter": cropped}
+    times = {name: [] for name in pipelines}
+    stage_times = {(k, i): [] for k in parts for i in (0, 1)}
+    torch.manual_seed(0)
+    random.seed(0)
+    for r in range(args.rounds + 1):  # round 0 warms up, and is not counted
+        order = list(pipelines)[r % 4:] + list(pipelines)[:r % 4]  # a slow phase hits all
+        for name in order:
+            ms = timed(pipelines[name], data)
+            if r:
+                times[name].append(ms)
+        for (k, i), v in stage_times.items():
+            ms = timed(parts[k][i], stage_inputs[k])
+            if r:
+                v.append(ms)
+    print(f"{args.images} JPEGs of {args.width} x {args.height} to {S} px, one thread, "
+          f"{args.rounds} rounds (torch {torch.__version__})")
+    print(f"{'pipeline':>10} {'ms/img':>8} {'img/s/core':>11} {'vs deit3':>9}")
+    for name, ms in times.items():
+        ratio = statistics.median(d / o for d, o in zip(times["deit3"], ms))
+        print(f"{name:>10} {statistics.median(ms):8.2f} {1000 / statistics.median(ms):11.0f} "
+              f"{ratio:8.2f}x")
+    print(f"\n{'stage (ms/img)':>24} {'before':>8} {'ours':>8}")
+    print(f"{'decode':>24} {statistics.median(times['decode']):8.2f} "
+          f"{statistics.median(times['decode']):8.2f}")
+    for k in parts:
+        print(f"{k:>24} {statistics.median(stage_times[(k, 0)]):8.2f} "
+              f"{statistics.median(stage_times[(k, 1)]):8.2f}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,153 @@
+"""
+The fast input pipeline (imagesets.ThreeAugment) against torchvision's transforms: the same
+random draws and the same pixels where the operations are the same (crop, flip, grayscale,
+solarize, colour jitter), and within one grey level, with equal pixel statistics over many
+draws, where they are not (torch's resize for PIL's, the blur's float sums).
+"""
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+
+import imagesets
+import textteacher as tt
+
+
+def photo(seed, size=(61, 47)):
+    """A photo-like JPEG (smooth waves and grain), decoded: what a loader sees."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    channels = [np.sin(x / rng.uniform(3, 15) + rng.uniform(0, 6)) * 80
+                + np.cos(y / rng.uniform(3, 15)) * 60 + 128 for _ in range(3)]
+    pixels = (np.stack(channels, -1) + rng.normal(0, 12, (*size[::-1], 3))).clip(0, 255)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return PIL.Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+class Recorded(T.GaussianBlur):
+    """torchvision's blur, noting that it ran (the one branch that is not bit-identical)."""
+    calls = 0
+
+    def transform(self, inpt, params):
+        Recorded.calls += 1
+        return super().transform(inpt, params)
+
+
+def torchvision_3augment(size):
+    return T.Compose([T.RandomCrop(size, padding=4, padding_mode="reflect"),
+                      T.RandomHorizontalFlip(),
+                      T.RandomChoice([T.Grayscale(3), T.RandomSolarize(128, 1.0),
+                                      Recorded(7, (0.2, 2))]),
+                      T.ColorJitter(0.3, 0.3, 0.3)])
+
+
+def pil_resized(image, size):
+    return TF.pil_to_tensor(TF.resize(image, size, T.InterpolationMode.BICUBIC))
+
+
+def test_the_crop_through_reflected_indices_is_the_padded_crop():
+    """Every window of the reflect-padded image, read in place, equals the padded copy's."""
+    x = torch.randint(0, 256, (3, 9, 13), dtype=torch.uint8)
+    padded = torch.nn.functional.pad(x[None].float(), (4, 4, 4, 4), mode="reflect")[0]
+    for top in range(9 + 8 - 6 + 1):
+        for left in range(13 + 8 - 6 + 1):
+            rows = imagesets.reflected_window(x, top - 4, 6, 1)
+            got = imagesets.reflected_window(rows, left - 4, 6, 2)
+            assert torch.equal(got.float(), padded[:, top:top + 6, left:left + 6])
+
+
+@pytest.mark.parametrize("augment", ["3aug", "crop", "none"])
+def test_the_same_draws_and_pixels_as_torchvisions_transforms(augment):
+    """On the same resized image and seed: torchvision's pipeline, bit for bit, except where
+    its blur ran (within 2 grey levels after the jitter, in a few pixels). The RNG is left in
+    the same state too, so whatever draws next (CutMix in the loop) draws the same."""
+    size = 24
+    reference = {"3aug": torchvision_3augment(size),
+                 "crop": T.RandomCrop(size, padding=4, padding_mode="reflect"),
+                 "none": T.CenterCrop(size)}[augment]
+    fast = imagesets.ThreeAugment(size, augment)
+    exact = blurred = 0
+    for seed in range(120):
+        resized = pil_resized(photo(seed % 7, (40 + seed % 9, 31 + seed % 5)), size)
+        torch.manual_seed(seed)
+        before, ours, after = Recorded.calls, fast.augmented(resized), torch.rand(1)
+        torch.manual_seed(seed)
+        theirs = reference(resized)
+        assert torch.equal(after, torch.rand(1))  # the same number of draws
+        assert ours.dtype == torch.uint8 and ours.shape == theirs.shape == (3, size, size)
+        if Recorded.calls == before:
+            assert torch.equal(ours, theirs)
+            exact += 1
+        else:
+            diff = (ours.int() - theirs.int()).abs()
+            assert diff.max() <= 2 and (diff > 0).float().mean() < 0.02
+            blurred += 1
+    assert exact > 60 and (blurred > 20 or augment != "3aug")
+
+
+def test_the_resize_is_pils_within_rounding():
+    """The same sizes; pixels within 2 grey levels (1 where the scale is the same on both
+    axes), and no bias: the mean signed difference below 0.01 levels."""
+    for seed, size in enumerate(((64, 48), (48, 64), (33, 90), (100, 100), (30, 24))):
+        image = photo(seed, size)
+        for target in (24, 32):
+            ours, theirs = imagesets.resize_short_side(image, target), pil_resized(image, target)
+            assert ours.shape == theirs.shape and min(ours.shape[1:]) == target
+            diff = ours.int() - theirs.int()
+            assert diff.abs().max() <= (2 if size == (33, 90) else 1)
+            assert abs(diff.float().mean()) < 0.01
+    same = photo(0, (32, 32))  # already the size: the pixels as decoded
+    assert torch.equal(imagesets.resize_short_side(same, 32), TF.pil_to_tensor(same))
+
+
+def test_the_blur_is_torchvisions_within_one_grey_level():
+    x = torch.randint(0, 256, (3, 20, 17), dtype=torch.uint8)
+    for sigma in (0.2, 0.7, 1.3, 2.0):
+        ours = imagesets.gaussian_blur(x.float(), sigma).round_().to(torch.uint8)
+        assert (ours.int() - TF.gaussian_blur(x, [7, 7], [sigma, sigma]).int()).abs().max() <= 1
+
+
+def test_pixel_statistics_and_crop_boxes_over_many_draws():
+    """End to end from the decoded photo, over 600 draws: per-pixel mean and std of the
+    outputs equal torchvision's pipeline (with PIL's resize) within 0.3 grey levels; and the
+    crop's box is uniform over every offset of the padded image (chi-square, p ~ 0.001)."""
+    size, image = 24, photo(3, (40, 30))
+    fast, reference = imagesets.ThreeAugment(size), torchvision_3augment(size)
+    ours, theirs = [], []
+    for seed in range(600):
+        torch.manual_seed(seed)
+        ours.append(fast(image).float())
+        torch.manual_seed(seed)
+        theirs.append(reference(pil_resized(image, size)).float())
+    ours, theirs = torch.stack(ours), torch.stack(theirs)
+    assert (ours.mean(0) - theirs.mean(0)).abs().max() < 0.3
+    assert (ours.std(0) - theirs.std(0)).abs().max() < 0.3
+    # a 24 x 32 image whose pixels are their own positions: the centre of the window, always
+    # inside the image, names the box (top 0..8, left 0..16 in the padded image: 153 boxes)
+    marked, boxes = torch.arange(24 * 32).view(1, 24, 32).expand(3, -1, -1), []
+    for seed in range(3400):
+        torch.manual_seed(seed)
+        boxes.append(int(fast.crop(marked)[0, 12, 12]))
+    counts = np.bincount(boxes, minlength=24 * 32)
+    tops, lefts = np.nonzero(counts.reshape(24, 32))
+    assert set(tops - 8) == set(range(9)) and set(lefts - 8) == set(range(17))
+    counts = counts[counts > 0]
+    expected = 3400 / len(counts)
+    assert len(counts) == 153 and ((counts - expected) ** 2 / expected).sum() < 213  # chi2 0.999
+
+
+def test_the_trainer_uses_it_and_evaluates_with_pils_resize(tmp_path):
+    """train_transform is ThreeAugment; the evaluation view is PIL's bicubic resize and the
+    centre crop (what timm's transform of the export computes)."""
+    fast = tt.train_transform(tt.Config(img_size=16, augment="crop"))
+    assert isinstance(fast, imagesets.ThreeAugment) and (fast.size, fast.augment) == (16, "crop")
+    images = [photo(s, (20, 16)) for s in range(3)]
+    samples = tt.Samples([(im, 0) for im in images], torch.zeros(3, dtype=torch.long), 12)
+    for i, image in enumerate(images):
+        x, label, index = samples[i]
+        assert torch.equal(x, TF.center_crop(pil_resized(image, 12), [12, 12])) and index == i
