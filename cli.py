@@ -9,9 +9,13 @@ a stated exit code, files that are whole or absent, and one process at a time pe
 textteacher.py, caption_embed.py, caption_images.py and the tools in experiments/ and
 benchmarks/ all end through run(); caption_embed.py imports this file and not textteacher.py.
 """
+import argparse
 import contextlib
 import functools
+import json
+import math
 import os
+import signal
 import sys
 import tempfile
 
@@ -19,6 +23,21 @@ try:
     import fcntl  # POSIX; on Windows no output is locked
 except ImportError:
     fcntl = None
+
+
+def _interrupted_while_starting(signum, frame):
+    print("interrupted while starting; nothing was done: run the command again", file=sys.stderr)
+    sys.exit(130)
+
+
+# Ctrl-C while a script of the project imports torch and the rest (seconds) is one line, not a
+# traceback through the import machinery: each script imports this file first, and run()
+# hands Ctrl-C back to Python's KeyboardInterrupt when its work begins. Only for a script of
+# the project run as a command: a test runner importing these files keeps its own handler.
+if os.path.abspath(sys.argv[0] if sys.argv else "").startswith(
+        os.path.dirname(os.path.abspath(__file__)) + os.sep):
+    with contextlib.suppress(ValueError):  # not the main thread: Python keeps its handler
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
 class UserError(Exception):
@@ -30,6 +49,61 @@ def need(ok, message):
     """A check on the input: a one-line UserError with the message unless ok."""
     if not ok:
         raise UserError(message)
+
+
+def within(value, allowed):
+    """Whether the number value lies in allowed, an interval written "[1, 100]", "(0, inf)",
+    "[0, 1)": a bracket includes its end, a parenthesis excludes it. NaN is in none, and an
+    infinity only where its end is written inf and included (no flag's is)."""
+    lo, hi = (float(x) for x in allowed[1:-1].split(","))
+    if not math.isfinite(value):
+        return False
+    return ((lo <= value) if allowed[0] == "[" else (lo < value)) and (
+        (value <= hi) if allowed[-1] == "]" else (value < hi))
+
+
+def number(kind, allowed):
+    """An argparse type: the text as kind (int or float) within allowed (see within). What is
+    not a number, not finite, or out of range is argparse's one line, which names the flag:
+    "argument --lr: must be a number in (0, inf), got nan"."""
+    what = "an integer" if kind is int else "a number"
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} in {allowed}, got {text!r}") from None
+        if not within(value, allowed):
+            raise argparse.ArgumentTypeError(f"must be {what} in {allowed}, got {text}")
+        return value
+    return convert
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other input error
+        raise UserError(f"{message} (see --help)")
+
+
+def memory(device="auto"):
+    """Bytes of memory a step can use: the first GPU's (device "auto" where there is one),
+    else the machine's RAM (math.inf where the system does not say)."""
+    import torch  # only here: caption_embed.py imports this file before it needs torch
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    if hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return math.inf
+
+
+def json_or(path, default):
+    """The JSON value in the file path, or default if the file is absent, is not JSON, or holds
+    a value of another type than default's."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return default
+    return value if isinstance(value, type(default)) else default
 
 
 def os_error(e, path=None):
@@ -53,6 +127,8 @@ def save_atomic(write, path):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch's zip writer wraps the OSError in a RuntimeError
         cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, KeyboardInterrupt):  # Ctrl-C in torch.save: the zip writer's
+            raise KeyboardInterrupt from None     # complaint about its torn file is no news
         if not isinstance(cause, OSError):
             raise  # not a failed write: a bug
         raise os_error(cause, path) from None
@@ -143,6 +219,8 @@ def run(main, argv=None, interrupted="run the same command again to continue"):
     one line on stderr with its exit code, Ctrl-C in one line (exit 130) saying how to go on;
     anything else is a bug and keeps its traceback. `interrupted` may be a function of nothing
     that returns the line's advice when it depends on what main got to (a run's name)."""
+    with contextlib.suppress(ValueError):  # from here on Ctrl-C is a KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main(argv)
     except UserError as e:

@@ -28,6 +28,7 @@ checkpoints and export, evaluation, training. The tools that use it stand beside
 caption_images.py and caption_embed.py make the targets, experiments/ compares, studies and
 plots, benchmarks/ measures speed.
 """
+import cli  # first: how every script reports errors (Ctrl-C during the imports included)
 import argparse
 import contextlib
 import dataclasses
@@ -50,7 +51,6 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-import cli  # how every script of the project reports errors, writes files and claims outputs
 import imagesets  # CIFAR-10/100, the paper's six transfer sets by name, and image folders
 from cli import UserError, need, save_atomic
 from lamb import Lamb  # LAMB (You et al., 2020), the optimiser of DeiT III's recipe
@@ -70,7 +70,7 @@ MODEL_SIZES = {"micro": (128, 6, 4), "tiny": (192, 12, 3), "small": (384, 12, 6)
 
 def opt(default, help, allowed=None):
     """A field with its help, and what it allows: a tuple of choices, or an interval such as
-    "[1, inf)" whose "(" excludes the lower bound (every upper bound is excluded)."""
+    "[1, 100000]" (cli.within: a parenthesis excludes its end; NaN and inf are never in one)."""
     return dataclasses.field(default=default, metadata=dict(help=help, allowed=allowed))
 
 
@@ -112,8 +112,8 @@ class Config:
     init: str = opt("", "start from trained weights (transfer): a run folder, checkpoint or "
                     "export/; the ViT's size and patch come from it")
     model: str = opt("small", "ViT size (MODEL_SIZES in textteacher.py)", tuple(MODEL_SIZES))
-    img_size: int = opt(224, "input resolution in pixels", "[1, inf)")
-    patch_size: int = opt(16, "patch side in pixels", "[1, inf)")
+    img_size: int = opt(224, "input resolution in pixels", "[1, 16384]")
+    patch_size: int = opt(16, "patch side in pixels", "[1, 1024]")
     layer_scale: float = opt(1e-4, "LayerScale init of both residual branches", POSITIVE)
     drop_path: float = opt(0.05, "stochastic depth of the last block (0 in the first)", UNIT)
     # the objective: L = lam_e * w * L_txt + (1 - lam_e) * L_cls
@@ -123,14 +123,14 @@ class Config:
     freeze_text_head: bool = opt(False, "keep the text head at its random init")
     label_noise: float = opt(0.0, "replace round(p N) training labels by other classes", UNIT)
     # recipe (DeiT III, as the paper runs it on ImageNet)
-    epochs: int = opt(100, "training epochs", "[1, inf)")
-    batch_size: int = opt(2048, "GLOBAL batch per step (per device: the negatives)", "[1, inf)")
-    accum: int = opt(1, "gradient accumulation steps (fewer negatives per loss)", "[1, inf)")
+    epochs: int = opt(100, "training epochs", "[1, 100000]")
+    batch_size: int = opt(2048, "GLOBAL batch per step (per device: the negatives)", "[1, 1e7]")
+    accum: int = opt(1, "gradient accumulation steps (fewer negatives per loss)", "[1, 65536]")
     optimizer: str = opt("lamb", "lamb (the paper) | adamw", ("lamb", "adamw"))
     lr: float = opt(3e-3, "peak learning rate for --batch-size", POSITIVE)
     warmup_lr: float = opt(1e-6, "learning rate of the first warm-up epoch", POSITIVE)
     min_lr: float = opt(1e-5, "learning rate at the end of the cosine", COUNT)
-    warmup_epochs: int = opt(5, "epochs of linear warm-up", COUNT)
+    warmup_epochs: int = opt(5, "epochs of linear warm-up", "[0, 100000]")
     weight_decay: float = opt(0.02, "decoupled weight decay of weight matrices", COUNT)
     opt_eps: float = opt(1e-7, "epsilon of the optimiser", POSITIVE)
     clip_grad: float = opt(1.0, "clip the global gradient norm (0: off)", COUNT)
@@ -140,13 +140,16 @@ class Config:
     # run
     name: str = opt("", "results go to OUT_DIR/NAME (default: data and time)")
     out_dir: str = opt("runs", "folder of the run folders")
-    seed: int = opt(0, "seed of weights, data order, augmentation, CutMix, label noise")
-    workers: int = opt(-1, "data loading processes per GPU (-1: up to 8)", "[-1, inf)")
-    threads: int = opt(0, "CPU threads (0: half the cores)", COUNT)
+    # every random draw is seeded by a mix of the seed and the position in the run, which
+    # torch must accept (64 bits): so 0 .. 99999
+    seed: int = opt(0, "seed of weights, data order, augmentation, CutMix, label noise",
+                    "[0, 100000)")
+    workers: int = opt(-1, "data loading processes per GPU (-1: up to 8)", "[-1, 256]")
+    threads: int = opt(0, "CPU threads (0: half the cores)", "[0, 4096]")
     device: str = opt("auto", "auto: cuda, mps or cpu", ("auto", "cpu", "cuda", "mps"))
     compile: str = opt("auto", "torch.compile (auto: on CUDA)", ("auto", "on", "off"))
-    ckpt_every: int = opt(0, "also checkpoint every K steps (0: at epoch ends)", COUNT)
-    log_every: int = opt(50, "read the losses back from the device every N steps", "[1, inf)")
+    ckpt_every: int = opt(0, "also checkpoint every K steps (0: at epoch ends)", "[0, 1e12]")
+    log_every: int = opt(50, "read the losses back from the device every N steps", "[1, 1e12]")
     resume: str = opt("", "continue the run of this checkpoint or run folder exactly")
 
 
@@ -156,9 +159,7 @@ RESUME_FREE = {"workers", "threads", "device", "compile", "ckpt_every", "log_eve
                "lr", "clip_grad", "text", "data_dir"}
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other input error
-        raise UserError(f"{message} (see --help)")
+Parser = cli.Parser  # argparse, but a wrong flag is one line and exit code 2 like every error
 
 
 def parse_config(argv=None):
@@ -175,11 +176,14 @@ def parse_config(argv=None):
     for f in dataclasses.fields(Config):
         allowed, default = f.metadata["allowed"], preset.get(f.name, f.default)
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
-            type=f.type, choices=allowed if isinstance(allowed, tuple) else None)
+            type=cli.number(f.type, allowed) if isinstance(allowed, str) else f.type,
+            choices=allowed if isinstance(allowed, tuple) else None)
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} (default: {default})", **kind)
     given = vars(parser.parse_args(argv))
     cfg = Config(**{**preset, **given})
+    need("split" not in given or cfg.data in imagesets.TRANSFER, f"--split chooses the training "
+         f"split of a transfer set ({', '.join(imagesets.TRANSFER)}); {cfg.data} has no other")
     if cfg.init and not cfg.resume:  # transfer: the network is the source's, not a flag's
         a = read_source(cfg.init)[0]
         size = [n for n, s in MODEL_SIZES.items() if s == (a["width"], a["depth"], a["heads"])]
@@ -198,10 +202,8 @@ def check_config(cfg):
     """Impossible settings end here, in one line and before anything is loaded."""
     for f in dataclasses.fields(cfg):
         value, allowed = getattr(cfg, f.name), f.metadata["allowed"]
-        if isinstance(allowed, str):
-            lo, hi = (float(x) for x in allowed[1:-1].split(","))
-            need((lo < value if allowed[0] == "(" else lo <= value) and value < hi,
-                 f"--{f.name.replace('_', '-')} must be in {allowed}, got {value}")
+        need(not isinstance(allowed, str) or cli.within(value, allowed),
+             f"--{f.name.replace('_', '-')} must be in {allowed}, got {value}")
     need(cfg.img_size % cfg.patch_size == 0, f"--img-size {cfg.img_size} is no multiple of "
          f"--patch-size {cfg.patch_size}")
     need(cfg.device not in ("cuda", "mps") or getattr(torch, cfg.device).is_available(),
@@ -212,6 +214,16 @@ def check_config(cfg):
          "into batches of 2 or more images over the processes and --accum steps")
     need(cfg.threads <= (os.cpu_count() or 1), f"--threads {cfg.threads}: this machine has "
          f"{os.cpu_count()} cores")  # thousands of threads crash or hang torch
+    # what one step holds for the backward pass, before any of it is allocated: per image and
+    # block the attention scores and about a dozen activations per token (float32). A resumed
+    # run was checked when it started (its settings are not read yet: the defaults are here)
+    (width, depth, heads), grid = MODEL_SIZES[cfg.model], cfg.img_size // cfg.patch_size
+    per_image = 4 * depth * (grid ** 2 + 1) * (heads * (grid ** 2 + 1) + 12 * width)
+    memory = cli.memory("cpu" if cfg.device == "cpu" else "auto")
+    for flag, images in (("img-size", 1), ("batch-size", max(micro, 1))):
+        need(cfg.resume or per_image * images <= memory, f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: "
+             f"one step would hold {per_image * images / 2**30:.0f} GiB, and this machine has "
+             f"{memory / 2**30:.0f} GiB")
     lambda_at(cfg, 0)  # a schedule it cannot read is a UserError
 
 
@@ -626,6 +638,9 @@ def read_source(path):
     (config.json and model.safetensors) or what load_checkpoint reads."""
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         ckpt = load_checkpoint(path)[0]  # the text head stays behind: only "vit." is the ViT
+        need(ckpt["epoch"] >= ckpt["config"]["epochs"], f"{path} stopped after epoch "
+             f"{ckpt['epoch']} of {ckpt['config']['epochs']}: finish it with --resume, or "
+             "export its weights as they are (experiments/export.py --unfinished)")
         vit = {k[4:]: v for k, v in ckpt["model"].items() if k.startswith("vit.")}
         return ckpt["model_args"], vit, ckpt["classes"]
     try:
@@ -768,6 +783,13 @@ def open_run(cfg, given, rank):
     if rank == 0:
         cli.lock(cli.writable(os.path.dirname(path)), "run")
     saved = ckpt["config"]
+    # config.json shows the checkpoint's settings, and is written again from them (absent or
+    # torn, it holds nothing of the user's to keep)
+    shown = cli.json_or(os.path.join(os.path.dirname(path), "config.json"), {})
+    edited = sorted(k for k in saved.keys() & shown.keys() if shown[k] != saved[k])
+    need(not edited, f"{os.path.dirname(path)}/config.json was edited ({', '.join(edited)}): a "
+         "run continues with its checkpoint's settings; put config.json back, and give a change "
+         "that resuming allows as a flag")
     changed = {k: (saved[k], getattr(cfg, k)) for k in sorted(set(given) - {"resume"})
                if getattr(cfg, k) != saved[k]}
     clash = [f"{k}={saved[k]!r}" for k in changed if k not in RESUME_FREE]
@@ -962,9 +984,13 @@ def main(argv=None):
         cfg, given = parse_config(argv)
         check_config(cfg)
         train(cfg, given)
-    # Ctrl-C: checkpoints are written atomically, so the last one is whole
-    cli.run(run, argv, lambda: f"continue from the last checkpoint: --resume {cfg.out_dir}/"
-            f"{cfg.name}" if cfg and cfg.name else "nothing was saved: run the command again")
+    def advice():  # Ctrl-C: checkpoints are written atomically, so the last one is whole
+        run_dir = cfg and (cfg.resume or cfg.name and os.path.join(cfg.out_dir, cfg.name))
+        saved = run_dir and os.path.exists(os.path.join(run_dir, "checkpoint.pt")
+                                           if os.path.isdir(run_dir) else run_dir)
+        return (f"continue from the last checkpoint: --resume {run_dir}" if saved else
+                "no checkpoint was written yet: run the same command again")
+    cli.run(run, argv, advice)
 
 
 if __name__ == "__main__":

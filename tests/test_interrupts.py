@@ -1,0 +1,128 @@
+"""
+Ctrl-C at any moment of textteacher.py: while it imports, in the first epoch (no checkpoint
+yet), in a later epoch, and inside the writing of a checkpoint. Each ends in one line and exit
+code 130, leaves the previous checkpoint whole, and its advice, followed, finishes the run as
+an uninterrupted run would have.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common import (CHEAP, ROOT, base_args, checkpoint, cli, untimed, one_line,
+                    run, start_paused, wait_for_pause)
+from common import folder  # noqa: F401  (a fixture)
+
+SAVE_PAUSING = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import cli, textteacher as tt
+
+
+class Slow:  # a file whose {write}-th write of the {save}-th save pauses: inside torch.save
+    def __init__(self, f, pause):
+        self.f, self.pause, self.writes = f, pause, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.pause and self.writes == {write}:
+            print("PAUSED", flush=True)
+            time.sleep({seconds})
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+saves = []
+
+
+def save_atomic(write, path):
+    if path.endswith("checkpoint.pt"):
+        saves.append(1)
+    pause = path.endswith("checkpoint.pt") and len(saves) == {save}
+    return cli.save_atomic(lambda f: write(Slow(f, pause)), path)
+
+
+tt.save_atomic = save_atomic
+tt.main(sys.argv[1:])
+"""
+
+
+def args_of(folder, tmp_path, name):
+    return base_args(folder, tmp_path, "--name", name, "--epochs", "3", "--ckpt-every", "0",
+                     *CHEAP)
+
+
+def interrupt(p):
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    return one_line(err)
+
+
+def test_ctrl_c_while_importing_is_one_line():
+    """Before torch has loaded: no traceback through the import machinery."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "textteacher.py"), "--help"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(0.3)
+    line = interrupt(p)
+    assert line == "interrupted while starting; nothing was done: run the command again"
+
+
+@pytest.fixture
+def uninterrupted(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    assert run(args_of(folder, out, "r")) == 0
+    return untimed(out / "r")
+
+
+def test_ctrl_c_in_the_first_epoch_advises_a_new_start_that_works(folder, tmp_path,
+                                                                  uninterrupted):
+    args = args_of(folder, tmp_path, "r")
+    p = start_paused(tmp_path, args, at=2)
+    wait_for_pause(p)
+    line = interrupt(p)
+    assert line == "interrupted; no checkpoint was written yet: run the same command again"
+    assert not os.path.exists(tmp_path / "r" / "checkpoint.pt")
+    assert run(args) == 0  # the advice, followed
+    assert untimed(tmp_path / "r") == uninterrupted
+
+
+def test_ctrl_c_in_a_later_epoch_advises_the_resume_that_works(folder, tmp_path, uninterrupted):
+    args = args_of(folder, tmp_path, "r")
+    p = start_paused(tmp_path, args, at=8)  # 6 steps per epoch: in epoch 2
+    wait_for_pause(p)
+    line = interrupt(p)
+    run_dir = os.path.join(str(tmp_path), "r")
+    assert line == f"interrupted; continue from the last checkpoint: --resume {run_dir}"
+    assert checkpoint(run_dir)["epoch"] == 1
+    assert run(line.split(": ", 1)[1].split()) == 0  # the advice, followed
+    assert untimed(run_dir) == uninterrupted
+
+
+def test_ctrl_c_inside_a_checkpoint_write_keeps_the_last_one(folder, tmp_path, uninterrupted):
+    """Interrupted in the middle of torch.save of the second checkpoint (inside its zip
+    writer): one line, the first checkpoint whole and unchanged, no temporary file left, and
+    the advised --resume finishes the run."""
+    args = args_of(folder, tmp_path, "r")
+    script = tmp_path / "pausing.py"
+    script.write_text(SAVE_PAUSING.format(root=ROOT, write=3, save=2, seconds=30))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_pause(p)
+    run_dir = os.path.join(str(tmp_path), "r")
+    before = open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()
+    line = interrupt(p)
+    assert line == f"interrupted; continue from the last checkpoint: --resume {run_dir}"
+    assert open(os.path.join(run_dir, "checkpoint.pt"), "rb").read() == before
+    assert checkpoint(run_dir)["epoch"] == 1
+    assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
+    assert cli("--resume", run_dir).returncode == 0
+    assert untimed(run_dir) == uninterrupted
