@@ -396,28 +396,39 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = Parser(description="Embed TextTeacher's captions or class names once, for textteacher.py.")
-    p.add_argument("--out", required=True, help="the embeddings file to write")
+    p.add_argument("--out", required=True, type=cli.path("new file"),
+                   help="the embeddings file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--captions", help="per-image captions: .txt/.tsv, .csv or .jsonl")
-    source.add_argument("--data", help="with --classes: cifar10, cifar100, imagenet, shapes, PATH")
-    source.add_argument("--import-zip", help="the paper's all_encodings.zip, nothing re-encoded")
-    p.add_argument("--val-captions", help="validation captions, stored as val_keys/val_embeddings")
+    source.add_argument("--captions", type=cli.path("file"),
+                        help="per-image captions: .txt/.tsv, .csv or .jsonl")
+    source.add_argument("--data", type=cli.path("folder", names=tuple(DATA_DIRS)),
+                        help="with --classes: cifar10, cifar100, imagenet, shapes, PATH")
+    source.add_argument("--import-zip", type=cli.path("file"),
+                        help="the paper's all_encodings.zip, nothing re-encoded")
+    p.add_argument("--val-captions", type=cli.path("file"),
+                   help="validation captions, stored as val_keys/val_embeddings")
     p.add_argument("--classes", action="store_true", help="one prompt-ensembled row per class")
-    p.add_argument("--data-dir", help="the CIFAR-100 or ImageNet root (default: textteacher.py's)")
-    p.add_argument("--class-names", help="lines 'key<TAB>name'; default: the key, _ as a space")
-    p.add_argument("--encoder", help="Hugging Face name or folder; with --import-zip recorded")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1, ...")
-    p.add_argument("--dataset", help="set name; another named --data refuses it (default: --data)")
+    p.add_argument("--data-dir", type=cli.path("new folder"),  # CIFAR is downloaded into it
+                   help="the CIFAR-100 or ImageNet root (default: textteacher.py's)")
+    p.add_argument("--class-names", type=cli.path("file"),
+                   help="lines 'key<TAB>name'; default: the key, _ as a space")
+    p.add_argument("--encoder", type=cli.path("folder", hub=True),
+                   help="Hugging Face name or folder; with --import-zip recorded")
+    # the upper end: a batch of the longest texts (512 tokens) through BERT-Large holds about
+    # 8 GB of activations
+    p.add_argument("--batch-size", type=cli.number(int, "[1, 4096]"), default=64,
+                   help="texts per forward pass")
+    p.add_argument("--device", type=str, default="auto",
+                   help="auto (cuda if available), cpu, cuda:1, ...")
+    p.add_argument("--dataset", type=str,
+                   help="set name; another named --data refuses it (default: --data)")
     args = p.parse_args(argv)
     if bool(args.data) != args.classes:  # `--data shapes` once meant built-in captions
         p.error("class-level text is --classes --data NAME; per-image captions come with "
                 "--captions (written by caption_images.py; for shapes by experiments/shapes.py)")
     if args.val_captions and not args.captions or args.class_names and not args.data:
         p.error("--val-captions goes with --captions, --class-names with --classes")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
     args.device = args.device.replace("auto", "cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(args.device).type

@@ -62,24 +62,34 @@ SOT, EOT = 49406, 49407  # CLIP's <start_of_text> and <end_of_text>, between whi
 
 def parse_args(argv=None):
     p = Parser(description="Caption every image of a data set once, for caption_embed.py")
-    p.add_argument("--data", required=True, help="cifar100, imagenet, shapes or PATH")
-    p.add_argument("--data-dir", help="the CIFAR-100 or ImageNet root (default: textteacher.py's)")
+    p.add_argument("--data", required=True, help="cifar100, imagenet, shapes or PATH",
+                   type=cli.path("folder", names=tuple(textteacher.PRESETS)))
+    p.add_argument("--data-dir", type=cli.path("new folder"),  # CIFAR is downloaded into it
+                   help="the CIFAR-100 or ImageNet root (default: textteacher.py's)")
     p.add_argument("--split", choices=("train", "val"), default="train", help="which images")
-    p.add_argument("--out", required=True, help="the caption file; its settings go to OUT.json")
+    p.add_argument("--out", required=True, type=cli.path("new file"),
+                   help="the caption file; its settings go to OUT.json")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     # BLIP-L: one of the paper's captioners and a widely used one, loadable by transformers
     # alone; the paper's headline CoCa needs open_clip, which most installs do not have.
     p.add_argument("--model", default=DEFAULT_MODEL, help="a transformers image-to-text model "
-                   "(name or folder), or open_clip:ARCH[:PRETRAINED], e.g. open_clip:coca_ViT-L-14")
+                   "(name or folder), or open_clip:ARCH[:PRETRAINED], e.g. open_clip:coca_ViT-L-14",
+                   type=cli.path("folder", names=lambda text: text.startswith("open_clip:"),
+                                 hub=True))
     # Beam search, no sampling: the same image always gets the same caption, as in the paper.
-    p.add_argument("--num-beams", type=int, default=3, help="beam width (1 = greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
-    p.add_argument("--batch-size", type=int, default=32, help="images per generate, per process")
-    p.add_argument("--workers", type=int, default=4, help="processes that read and resize images")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    # The upper ends keep a batch's beams in memory anywhere (a batch of 1024 images at
+    # BLIP-L's 384 px is 1.8 GB of pixels before the model sees them).
+    p.add_argument("--num-beams", type=cli.number(int, "[1, 64]"), default=3,
+                   help="beam width (1 = greedy)")
+    p.add_argument("--max-new-tokens", type=cli.number(int, "[1, 4096]"), default=30,
+                   help="longest caption, in tokens")
+    p.add_argument("--batch-size", type=cli.number(int, "[1, 1024]"), default=32,
+                   help="images per generate, per process")
+    p.add_argument("--workers", type=cli.number(int, "[0, 256]"), default=4,
+                   help="processes that read and resize images")
+    p.add_argument("--device", type=str, default="auto",
+                   help="auto (cuda if available), cpu, cuda, ...")
     args = p.parse_args(argv)
-    if min(args.num_beams, args.max_new_tokens, args.batch_size) < 1 or args.workers < 0:
-        p.error("--num-beams, --max-new-tokens and --batch-size must be at least 1, --workers 0")
     if args.model.startswith("open_clip:") and args.model.count(":") == 1:
         args.model += f":{COCA_PRETRAINED}"  # written out, so that OUT.json names the weights
     # The device checked before anything loads: an unknown one, or a GPU that is not there,

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -76,6 +77,65 @@ def number(kind, allowed):
         if not within(value, allowed):
             raise argparse.ArgumentTypeError(f"must be {what} in {allowed}, got {text}")
         return value
+    convert.kind, convert.allowed = kind, allowed  # the declaration, which tests read back
+    return convert
+
+
+HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a Hugging Face model id: NAME or ORG/NAME
+
+
+def path(kind, names=(), hub=False):
+    """An argparse type for a path, checked as the flags are read, so that a wrong one ends in
+    argparse's one line naming the flag before any work ("argument --captions: no file c.txt").
+    kind is what the command does with it:
+        "file", "folder", "file or folder"   reads it: it must exist, as that
+        "new file", "new folder"             writes it: it may be absent (no file where a
+                                             folder on its way must go), else it is that kind
+    names: the words the flag takes besides a path (named data sets; "" for none), or a
+    function that tells them; hub: a Hugging Face model id (ORG/NAME) too, which only its
+    loader can check. An existing path is taken as a path before a Hub id, as transformers
+    does; a name before a path, as the trainer does with --data."""
+    wanted = kind.replace("new ", "")
+
+    def convert(text):
+        if names(text) if callable(names) else text in names:
+            return text
+        if not text:
+            raise argparse.ArgumentTypeError(f"is empty: name a {wanted}")
+        if os.path.exists(text):
+            found = "folder" if os.path.isdir(text) else "file"
+            if found not in wanted.split(" or "):
+                raise argparse.ArgumentTypeError(f"{text} is a {found}: name a {wanted}")
+            return text
+        if hub and HUB_NAME.fullmatch(text):
+            return text
+        if kind.startswith("new "):  # the nearest folder that exists holds what is made
+            above = os.path.dirname(os.path.abspath(text))
+            while not os.path.exists(above):
+                above = os.path.dirname(above)
+            if os.path.isdir(above):
+                return text
+            raise argparse.ArgumentTypeError(f"cannot make {text}: {above} is a file")
+        words = [n for n in names if n] if isinstance(names, tuple) else []
+        other = ([f"a name ({', '.join(words)})"] if words else []) + (
+            ["a Hugging Face model name"] if hub else [])
+        raise argparse.ArgumentTypeError(f"no {wanted} {text}" + (
+            f", nor {' or '.join(other)}" if other else ""))
+    convert.path_kind = kind  # the declaration, which tests read back
+    return convert
+
+
+def some_of(options):
+    """An argparse type: a comma-separated list of some of options (a tuple), as a list; one
+    that is not among them is argparse's one line naming the flag."""
+    def convert(text):
+        chosen = [x for x in text.split(",") if x]
+        unknown = [x for x in chosen if x not in options]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{','.join(unknown)}: choose among "
+                                             f"{','.join(options)}")
+        return chosen
+    convert.options = options  # the declaration, which tests read back
     return convert
 
 

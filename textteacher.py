@@ -214,16 +214,18 @@ def check_config(cfg):
          "into batches of 2 or more images over the processes and --accum steps")
     need(cfg.threads <= (os.cpu_count() or 1), f"--threads {cfg.threads}: this machine has "
          f"{os.cpu_count()} cores")  # thousands of threads crash or hang torch
-    # what one step holds for the backward pass, before any of it is allocated: per image and
-    # block the attention scores and about a dozen activations per token (float32). A resumed
-    # run was checked when it started (its settings are not read yet: the defaults are here)
-    (width, depth, heads), grid = MODEL_SIZES[cfg.model], cfg.img_size // cfg.patch_size
-    per_image = 4 * depth * (grid ** 2 + 1) * (heads * (grid ** 2 + 1) + 12 * width)
+    # a step that cannot fit is refused before anything is allocated. What it holds at least:
+    # per image and block, four activations of width numbers per token, kept for the backward
+    # pass, in bf16 (fp32 and the MLP's 4x width hold more; flash attention keeps no scores).
+    # A resumed run was checked when it started (its settings are not read yet).
+    width, depth, _ = MODEL_SIZES[cfg.model]
+    per_image = 2 * depth * ((cfg.img_size // cfg.patch_size) ** 2 + 1) * 4 * width
     memory = cli.memory("cpu" if cfg.device == "cpu" else "auto")
     for flag, images in (("img-size", 1), ("batch-size", max(micro, 1))):
-        need(cfg.resume or per_image * images <= memory, f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: "
-             f"one step would hold {per_image * images / 2**30:.0f} GiB, and this machine has "
-             f"{memory / 2**30:.0f} GiB")
+        need(cfg.resume or per_image * images <= memory, f"--{flag} "
+             f"{getattr(cfg, flag.replace('-', '_'))}: one step would hold at least "
+             f"{per_image * images / 2**30:.0f} GiB, and this machine has {memory / 2**30:.0f} GiB"
+             + ("; --accum splits a step" if flag == "batch-size" else ""))
     lambda_at(cfg, 0)  # a schedule it cannot read is a UserError
 
 

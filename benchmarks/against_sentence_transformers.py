@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import caption_embed  # noqa: E402
 import cli  # noqa: E402
-from cli import need  # noqa: E402
 
 WORDS = (
     "a the dog cat man woman child red blue large small old standing sitting running near on "
@@ -44,14 +43,17 @@ def captions(n, seed=0):
 
 def main(argv=None):
     p = caption_embed.Parser(description=__doc__.split("\n\n")[0])  # a bad flag: one line
-    p.add_argument("--encoder", default=caption_embed.DEFAULT_ENCODER)
-    p.add_argument("--captions", type=int, default=2000)
-    p.add_argument("--chunk", type=int, default=500, help="captions per timed call")
-    p.add_argument("--rounds", type=int, default=6, help="passes over all captions")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--encoder", default=caption_embed.DEFAULT_ENCODER,
+                   type=cli.path("folder", hub=True), help="Hugging Face name or folder")
+    # the upper ends: a benchmark of minutes, and caption_embed.py's largest --batch-size
+    p.add_argument("--captions", type=cli.number(int, "[1, 1000000]"), default=2000)
+    p.add_argument("--chunk", type=cli.number(int, "[1, 1000000]"), default=500,
+                   help="captions per timed call")
+    p.add_argument("--rounds", type=cli.number(int, "[1, 1000]"), default=6,
+                   help="passes over all captions")
+    p.add_argument("--batch-size", type=cli.number(int, "[1, 4096]"), nargs="+",
+                   default=[32, 64])
     args = p.parse_args(argv)
-    need(min(args.captions, args.chunk, args.rounds, *args.batch_size) >= 1, "--captions, "
-         "--chunk, --rounds and --batch-size must be 1 or more")
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:

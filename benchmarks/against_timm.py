@@ -24,27 +24,27 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 import textteacher as tt  # noqa: E402
-from cli import need  # noqa: E402
 
 
 def main(argv=None):
     p = tt.Parser(description=__doc__.split("\n\n")[0])  # a bad flag: one line
     p.add_argument("--model", default="tiny", choices=list(tt.MODEL_SIZES))
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--steps", type=int, default=15, help="timed steps per model")
-    p.add_argument(
-        "--warmup", type=int, default=3, help="untimed steps per model first (they also compile)"
-    )
+    # the upper ends: what any machine can time (a one-hot target per image and class: 16384
+    # images of ImageNet-21k's 21 841 classes are 1.4 GB)
+    p.add_argument("--img-size", type=cli.number(int, "[1, 1024]"), default=32)
+    p.add_argument("--patch-size", type=cli.number(int, "[1, 1024]"), default=4)
+    p.add_argument("--batch-size", type=cli.number(int, "[1, 16384]"), default=128)
+    p.add_argument("--classes", type=cli.number(int, "[1, 22000]"), default=100)
+    p.add_argument("--steps", type=cli.number(int, "[1, 100000]"), default=15,
+                   help="timed steps per model")
+    p.add_argument("--warmup", type=cli.number(int, "[0, 100000]"), default=3,
+                   help="untimed steps per model first (they also compile)")
     p.add_argument("--compile", action="store_true", help="also time both models torch.compile'd")
     args = p.parse_args(argv)
-    need(min(args.img_size, args.patch_size, args.batch_size, args.classes, args.steps) >= 1
-         and args.warmup >= 0, "--img-size, --patch-size, --batch-size, --classes and --steps "
-         "must be 1 or more, --warmup 0 or more")
-    need(args.img_size % args.patch_size == 0, f"--img-size {args.img_size} is no multiple of "
-         f"--patch-size {args.patch_size}")
+    # the trainer's own checks of these flags: patches that tile the image, and a step that
+    # this machine's memory holds (refused before anything is allocated)
+    tt.check_config(tt.Config(model=args.model, img_size=args.img_size, device="cpu",
+                              patch_size=args.patch_size, batch_size=args.batch_size))
     try:
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:

@@ -29,12 +29,15 @@ fp32 on a CPU, so that there they share the graphs of tests/test_cuda_path.py):
             epoch with the preset's recipe: exit 0, finite logged losses, an export
   speed     benchmarks/step.py on the trainer's own setup: the text objective's share of the
             step, training and inference images/s, peak memory
+  input     the training input pipeline (decode and imagesets.ThreeAugment) on photo-like
+            500 x 375 JPEGs, one thread: images/s per data-loading worker, against the step's
+            demand (the speed path's images/s): FAIL when the workers the trainer starts per
+            GPU (up to 8, and the cores / GPUs) cannot keep up
 Each prints PASS or FAIL with its reason, images/s and peak memory; the exit code is 0 when all
 pass, 1 when one fails, 2 without a CUDA device (and without --device cpu) or for a bad flag.
 The other flags are textteacher.py's model and recipe flags; --batch-size is the batch of one
 step here (default 64), and the in-process paths run at --lr without warm-up.
 """
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -60,7 +63,7 @@ import step  # noqa: E402  (benchmarks/step.py: its synchronize and benchmark ar
 import textteacher as tt  # noqa: E402
 from cli import UserError, need  # noqa: E402
 
-PATHS = ("fp32", "bf16", "compile", "adamw", "ddp", "torchrun", "speed")
+PATHS = ("fp32", "bf16", "compile", "adamw", "ddp", "torchrun", "speed", "input")
 # Step 1 of two paths starts from the same weights, so its losses, w and gradient norm differ
 # only by the arithmetic. bf16 keeps 8 significant bits: each rounding is off by up to 2^-8 =
 # 0.4%, and through a ViT's many roundings, partly cancelling, step 1 differs from fp32's by
@@ -78,17 +81,19 @@ COLUMNS = ("L", "L_cls", "L_txt", "w", "grad norm")  # the record of every step
 
 def parse(argv):
     """(Config, steps, paths): gpu_check's flags, then textteacher.py's for the rest."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    p.add_argument("--steps", type=int, default=20, help="steps of each in-process path")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"some of {','.join(PATHS)}")
+    # no abbreviations: a flag of the trainer's must not be taken for one of these
+    p = tt.Parser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
+    # two steps at least: the loss must fall
+    p.add_argument("--steps", type=cli.number(int, "[2, 100000]"), default=20,
+                   help="steps of each in-process path")
+    p.add_argument("--paths", default=",".join(PATHS), type=cli.some_of(PATHS),
+                   help=f"some of {','.join(PATHS)}")
     if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
         p.print_help()  # then textteacher.py's flags, by parse_config
     args, rest = p.parse_known_args(argv)
     cfg, _ = tt.parse_config(["--batch-size", "64", *rest])  # one step's batch, not ImageNet's
-    paths = [x for x in args.paths.split(",") if x]
-    need(paths and set(paths) <= set(PATHS), f"--paths {args.paths}: choose among "
-         f"{','.join(PATHS)}")
-    need(args.steps >= 2, f"--steps must be 2 or more (the loss must fall), got {args.steps}")
+    paths = args.paths
+    need(paths, f"--paths is empty: choose among {','.join(PATHS)}")
     # the message a machine without a GPU gives, before check_config's about --device cuda
     need(cfg.device == "cpu" or torch.cuda.is_available(), "no CUDA device here (torch.cuda."
          "is_available() is False): this checks the CUDA path on a GPU; --device cpu runs the "
@@ -378,6 +383,31 @@ def check(cfg, steps, paths):
     if "speed" in results and not results["speed"]["why"]:
         print(f"  the text objective takes {results['speed']['text_objective_share']:.1%} of "
               "the trainer's step (step.py, above)")
+
+    def input_pipeline():
+        import imagesets
+        import loader  # benchmarks/loader.py: its JPEGs and decode
+        data, augment = loader.jpegs(24, 500, 375), imagesets.ThreeAugment(cfg.img_size)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # what one DataLoader worker has
+        try:
+            loader.timed(lambda d: augment(loader.decode(d)), data[:4])  # warm-up
+            per_worker = 1000 / loader.timed(lambda d: augment(loader.decode(d)), data)
+        finally:
+            torch.set_num_threads(threads)
+        gpus = max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
+        workers = min(8, (os.cpu_count() or 2) // gpus)  # the trainer's default (--workers -1)
+        r = dict(images_per_s=per_worker, why=[])
+        if "speed" in results and "textteacher_images_per_s" in results["speed"]:
+            demand = results["speed"]["textteacher_images_per_s"]
+            needed = math.ceil(demand / per_worker)
+            print(f"  input: {per_worker:.0f} img/s per worker; the step takes {demand:.0f} img/s: "
+                  f"{needed} workers per GPU, and the trainer starts {workers}", flush=True)
+            if needed > workers:
+                r["why"] = [f"{workers} workers per GPU feed {workers * per_worker:.0f} img/s, "
+                            f"the step takes {demand:.0f}: the GPU waits for its input"]
+        return r
+    path("input", input_pipeline)
     return results
 
 

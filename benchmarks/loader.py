@@ -113,17 +113,22 @@ def timed(function, inputs):
 
 def main(argv=None):
     p = tt.Parser(description="The input pipeline per CPU core, against DeiT III's.")
-    p.add_argument("--size", type=int, default=224, help="the training resolution S")
-    p.add_argument("--width", type=int, default=500, help="the JPEGs' width")
-    p.add_argument("--height", type=int, default=375, help="the JPEGs' height")
-    p.add_argument("--images", type=int, default=40, help="JPEGs per round")
-    p.add_argument("--rounds", type=int, default=7, help="rounds (each pipeline once a round)")
+    pixels = cli.number(int, "[1, 4096]")  # a side in pixels: a 4096 px photo is 50 MB decoded
+    p.add_argument("--size", type=pixels, default=224, help="the training resolution S")
+    p.add_argument("--width", type=pixels, default=500, help="the JPEGs' width")
+    p.add_argument("--height", type=pixels, default=375, help="the JPEGs' height")
+    p.add_argument("--images", type=cli.number(int, "[1, 4096]"), default=40,
+                   help="JPEGs per round")
+    p.add_argument("--rounds", type=cli.number(int, "[1, 4096]"), default=7,
+                   help="rounds (each pipeline once a round)")
     args = p.parse_args(argv)
-    for flag in ("size", "width", "height", "images", "rounds"):
-        need(1 <= getattr(args, flag) <= 4096, f"--{flag} must be in 1..4096, got "
-             f"{getattr(args, flag)}")
     need(args.size <= min(args.width, args.height) * 8, "--size more than 8 times the images' "
          "short side is not a benchmark of anything")
+    # every image is held decoded, resized and cropped (uint8): refused before it is drawn
+    held = args.images * 3 * (args.width * args.height + 2 * args.size ** 2)
+    need(held <= cli.memory("cpu"), f"--images {args.images} of {args.width} x {args.height} px "
+         f"at --size {args.size} would hold {held / 2**30:.0f} GiB, and this machine has "
+         f"{cli.memory('cpu') / 2**30:.0f} GiB")
     torch.set_num_threads(1)  # per core
     data = jpegs(args.images, args.width, args.height)
     images = [decode(d) for d in data]

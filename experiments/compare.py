@@ -369,16 +369,26 @@ def summarize(runs, arms, seeds):
     return out
 
 
+def need_seeds(seed, seeds):
+    """The arms' seeds, seed .. seed + seeds - 1, all within the trainer's --seed range."""
+    allowed = tt.Config.__dataclass_fields__["seed"].metadata["allowed"]
+    need(cli.within(seed + seeds - 1, allowed), f"--seeds {seeds} from --seed {seed} ends at "
+         f"seed {seed + seeds - 1}, outside the trainer's {allowed}")
+
+
 @cli.releasing  # the claim on the folder ends with main
 def main(argv=None):
-    p = tt.Parser(add_help=False)  # one line for a bad value, as the trainer's flags
-    p.add_argument("--seeds", type=int, default=1)
+    # one line for a bad value, as the trainer's flags; no abbreviations: the trainer's --seed
+    # would be taken for --seeds
+    p = tt.Parser(add_help=False, allow_abbrev=False)
+    # every seed is a whole run of each arm: a thousand is already more than a study needs
+    p.add_argument("--seeds", type=cli.number(int, "[1, 1000]"), default=1)
     p.add_argument("--control", choices=("shuffle", "random"), default="")
-    p.add_argument("--teacher", default="")
+    p.add_argument("--teacher", default="", type=cli.path("folder", names=("",), hub=True))
     args, rest = p.parse_known_args(argv)
     cfg, _ = tt.parse_config(rest)
     tt.check_config(cfg)
-    need(args.seeds >= 1, f"--seeds must be 1 or more, got {args.seeds}")
+    need_seeds(cfg.seed, args.seeds)
     need((cfg.text or args.teacher) and cfg.text_loss_lambda > 0,
          "compare needs --text or --teacher, and a --text-loss-lambda above 0")
     root = os.path.join(cli.writable(cfg.out_dir),

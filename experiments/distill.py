@@ -341,21 +341,30 @@ def table(runs, arms, seeds):
 
 @cli.releasing  # the claim on runs/NAME ends with main
 def main(argv=None):
-    p = tt.Parser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    # no abbreviations: the trainer's --seed would be taken for --seeds
+    p = tt.Parser(add_help=False, allow_abbrev=False,
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                   description="Distillation arms beside the baseline and TextTeacher (every "
                   "other flag is textteacher.py's, listed below).")
     p.add_argument("--teacher", default="", help="a run, checkpoint or export/ of textteacher.py,"
-                   " or a Hugging Face image classifier (name or folder)")
-    p.add_argument("--arms", default="kd,richkd,scaled-teacher",
+                   " or a Hugging Face image classifier (name or folder)",
+                   type=cli.path("file or folder", names=("",), hub=True))
+    p.add_argument("--arms", default="kd,richkd,scaled-teacher", type=cli.some_of(ARMS),
                    help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--clip", default="", help="CLIP for richkd: a Hugging Face name or folder "
-                   "(RichKD: openai/clip-vit-large-patch14)")
+                   "(RichKD: openai/clip-vit-large-patch14)",
+                   type=cli.path("folder", names=("",), hub=True))
     p.add_argument("--clip-raw", action="store_true", help="RichKD's released cache: raw cosines"
                    " in [-1, 1], without CLIP's logit scale (else scaled, as CLIP's logits are)")
-    p.add_argument("--alpha", type=float, default=0.7, help="a, the teacher's weight in z_F")
-    p.add_argument("--temperature", type=float, default=3.0, help="T of the KD term")
-    p.add_argument("--beta", type=float, default=3.0, help="beta, the weight of the KD term")
-    p.add_argument("--seeds", type=int, default=1, help="seeds from --seed on")
+    # finite, and wide around what the literature runs (T 1 to 20; RichKD: T 3, beta 3)
+    p.add_argument("--alpha", type=cli.number(float, "[0, 1]"), default=0.7,
+                   help="a, the teacher's weight in z_F")
+    p.add_argument("--temperature", type=cli.number(float, "(0, 100]"), default=3.0,
+                   help="T of the KD term")
+    p.add_argument("--beta", type=cli.number(float, "[0, 1000]"), default=3.0,
+                   help="beta, the weight of the KD term")
+    p.add_argument("--seeds", type=cli.number(int, "[1, 1000]"), default=1,
+                   help="seeds from --seed on (compare.py's)")
 
     def run(argv):
         if {"-h", "--help"} & set(argv or sys.argv[1:]):
@@ -363,16 +372,11 @@ def main(argv=None):
         args, rest = p.parse_known_args(argv)
         cfg, _ = tt.parse_config(rest)
         tt.check_config(cfg)
-        args.arms = [a for a in args.arms.split(",") if a]
-        need(set(args.arms) <= set(ARMS), f"--arms {','.join(args.arms)}: choose among "
-             f"{', '.join(ARMS)}")
         need(args.teacher or not args.arms, "--arms needs --teacher (a run of textteacher.py or "
              "a Hugging Face classifier)")
         need(args.clip or "richkd" not in args.arms, "--arms richkd needs --clip (e.g. openai/"
              "clip-vit-large-patch14); offline, run the others: --arms kd,scaled-teacher")
-        need(args.temperature > 0 and args.beta >= 0 and 0 <= args.alpha <= 1, "--temperature "
-             "must be above 0, --beta 0 or more, --alpha in [0, 1]")
-        need(args.seeds >= 1, f"--seeds must be 1 or more, got {args.seeds}")
+        compare.need_seeds(cfg.seed, args.seeds)
         need(cfg.text or args.arms, "nothing to compare with the baseline: give --text, --arms "
              "or both")
         need(not cfg.text or cfg.text_loss_lambda > 0, "--text-loss-lambda 0 with --text is the "

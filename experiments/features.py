@@ -339,15 +339,21 @@ def plot(docs, diffs, measures):
 
 @cli.releasing  # the claim on --root ends with main
 def main(argv=None):
-    p = argparse.ArgumentParser(description="What the text puts into the features.")
-    p.add_argument("--root", default="runs/study", help="the study's runs, reused where present")
-    p.add_argument("--data", default="data/shapes")
-    p.add_argument("--task-data", default="data/shapes-place")
-    p.add_argument("--docs", default="docs")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)
+    p = tt.Parser(description="What the text puts into the features.")
+    p.add_argument("--root", default="runs/study", type=cli.path("new folder"),
+                   help="the study's runs, reused where present")
+    p.add_argument("--data", default="data/shapes", type=cli.path("new folder"),
+                   help="the shapes set (drawn there if absent)")
+    p.add_argument("--task-data", default="data/shapes-place", type=cli.path("new folder"),
+                   help="the transfer task's set (drawn there if absent)")
+    p.add_argument("--docs", default="docs", type=cli.path("new folder"))
+    # processes of one CPU thread each: more than there are runs at a time gains nothing
+    p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=2)
+    p.add_argument("--worker", type=cli.number(int, "[-1, 63]"), default=-1,
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    cli.need(args.workers >= 1, f"--workers must be 1 or more, got {args.workers}")
+    cli.need(args.worker < args.workers, f"--worker {args.worker} is not one of the "
+             f"{args.workers} --workers")
     if args.worker >= 0:
         return work(args.root, args.data, args.task_data, args.worker, args.workers)
     cli.lock(args.root, "--root")  # the study's folder: one of them at a time

@@ -181,13 +181,14 @@ def jobs(root, data):
             else:
                 cfg = dataclasses.replace(cfg, text=text)
             make = dict(permuted=Permuted, random=RandomClass).get(cell)
-            out.append((f"{root}/{cell}-n0.0/seed{seed}", cfg, make, True, None))
+            stats = cell in ("baseline", "class")  # the FFD of the analysis: these two arms
+            out.append((f"{root}/{cell}-n0.0/seed{seed}", cfg, make, stats, None))
     for seed in NOISY_SEEDS:
         for cell in ("baseline", "class"):
             cfg = photo_config(data, "--seed", str(seed), "--label-noise", "0.5")
             cfg = dataclasses.replace(cfg, text_loss_lambda=0.0) if cell == "baseline" else (
                 dataclasses.replace(cfg, text=text))
-            out.append((f"{root}/{cell}-n0.5/seed{seed}", cfg, None, True, None))
+            out.append((f"{root}/{cell}-n0.5/seed{seed}", cfg, None, False, None))
     shapes_data = os.path.join(os.path.dirname(data), "shapes")
     for noise in (0.0, 0.5):
         for seed in study.SEEDS:
@@ -371,13 +372,14 @@ def plot_photos(docs, results):
 @cli.releasing  # the claim on --root ends with main
 def main(argv=None):
     p = tt.Parser(description="The planned study on real photos (CIFAR-10's JPEG copy).")
-    p.add_argument("--data", default="data/cifar10-1k", help="an image folder of 32 px photos")
-    p.add_argument("--root", default="runs/photos")
-    p.add_argument("--docs", default="docs")
-    p.add_argument("--workers", type=int, default=2, help="processes, one run each at a time")
+    p.add_argument("--data", default="data/cifar10-1k", type=cli.path("folder"),
+                   help="an image folder of 32 px photos")
+    p.add_argument("--root", default="runs/photos", type=cli.path("new folder"))
+    p.add_argument("--docs", default="docs", type=cli.path("new folder"))
+    p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=2,
+                   help="processes, one run each at a time")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    need(1 <= args.workers <= 64, f"--workers must be in 1..64, got {args.workers}")
     need(os.path.isdir(os.path.join(args.data, "train")), f"--data {args.data} has no train/ "
          "folder: unpack the photos there (see the docstring)")
     if args.worker:

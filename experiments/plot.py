@@ -80,8 +80,10 @@ def plot_runs(paths, out):
 @cli.releasing  # the claim on --out ends with main
 def main(argv=None):
     p = tt.Parser(description="Plot validation top-1 and text loss per epoch.")
-    p.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
-    p.add_argument("--out", default="plot.png", help="the image to write (.png, .pdf, .svg, ...)")
+    p.add_argument("runs", nargs="+", type=cli.path("folder"),
+                   help="run folders, or folders holding run folders")
+    p.add_argument("--out", default="plot.png", type=cli.path("new file"),
+                   help="the image to write (.png, .pdf, .svg, ...)")
     args = p.parse_args(argv)
     cli.lock(args.out, "--out")  # two plots into one file: the second is refused
     plot_runs(args.runs, args.out)

@@ -186,12 +186,12 @@ def attributes_file(out, split):
 @cli.releasing  # the claim on --out ends with main
 def main(argv=None):
     p = caption_embed.Parser(description="Draw the shapes set with captions, and embed them.")
-    p.add_argument("--out", default="data/shapes", help="folder to write (default data/shapes)")
+    p.add_argument("--out", default="data/shapes", type=cli.path("new folder"),
+                   help="folder to write (default data/shapes)")
     p.add_argument("--force", action="store_true", help="draw again a shapes set this script "
                    "wrote (never another folder)")
     args = p.parse_args(argv)
     out = args.out
-    need(not os.path.isfile(out), f"--out {out} is a file: name a folder")
     cli.lock(out, "--out")  # one drawing per folder at a time
     # a folder that is not new or empty must be this script's, and is drawn again with --force
     if os.path.isdir(out) and os.listdir(out):

@@ -213,13 +213,18 @@ def report(root, docs):
 @cli.releasing  # the claim on --root ends with main
 def main(argv=None):
     p = tt.Parser(description="The planned study of when the text helps.")
-    p.add_argument("--root", default="runs/study")
-    p.add_argument("--data", default="data/shapes")
-    p.add_argument("--docs", default="docs")
-    p.add_argument("--workers", type=int, default=2, help="processes, one run each at a time")
-    p.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--root", default="runs/study", type=cli.path("new folder"))
+    p.add_argument("--data", default="data/shapes", type=cli.path("new folder"),
+                   help="the shapes set (drawn there if absent)")
+    p.add_argument("--docs", default="docs", type=cli.path("new folder"))
+    # processes of one CPU thread each: more than the 30 runs gains nothing
+    p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=2,
+                   help="processes, one run each at a time")
+    p.add_argument("--worker", type=cli.number(int, "[-1, 63]"), default=-1,
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    need(args.workers >= 1, f"--workers must be 1 or more, got {args.workers}")
+    need(args.worker < args.workers, f"--worker {args.worker} is not one of the {args.workers} "
+         "--workers")
     if args.worker >= 0:  # a worker of the study below, which holds the claim on --root
         return work(args.root, args.data, args.worker, args.workers)
     # One study per root: a second one would start the same runs, refused by the trainer one

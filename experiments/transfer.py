@@ -23,7 +23,6 @@ It prints, per arm, final and best top-1 of the fine-tunes and the probe's top-1
 over the seeds, and the paired differences to the baseline (TextTeacher - baseline of the same
 seed), as the paper's transfer table has it; everything goes to ROOT/transfer-DATA.json.
 """
-import argparse
 import json
 import os
 import re
@@ -166,13 +165,14 @@ def summarize(results, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    p.add_argument("root", help="a folder of experiments/compare.py (seedS-ARM run folders)")
+    # no abbreviations: a flag of the trainer's must not be taken for one of these
+    p = tt.Parser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
+    p.add_argument("root", type=cli.path("folder"),
+                   help="a folder of experiments/compare.py (seedS-ARM run folders)")
     p.add_argument("--finetune", action="store_true", help="fine-tune every arm (--init)")
     p.add_argument("--probe", action="store_true", help="a linear probe on frozen features")
     args, rest = p.parse_known_args(argv)
     cli.need(args.finetune or args.probe, "say what to run: --finetune, --probe, or both")
-    cli.need(os.path.isdir(args.root), f"{args.root} is not a folder of experiments/compare.py")
     transfer(args.root, rest, args.finetune, args.probe)
 
 

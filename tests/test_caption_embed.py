@@ -317,14 +317,22 @@ def test_cli_malformed_line_is_one_line_exit_2(tmp_path):
     (["--data", "shapes"], "per-image captions come with --captions"),  # the old built-in mode
     (["--classes", "--captions", "c.txt"], "class-level text is --classes --data"),
     (["--import-zip", "z.zip", "--val-captions", "v.txt"], "--val-captions goes with --captions"),
-    (["--captions", "c.txt", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--captions", "c.txt", "--batch-size", "0"], "argument --batch-size: must be an integer "
+                                                   r"in \[1, 4096\], got 0"),
     (["--captions", "c.txt", "--import-zip", "z.zip"], "not allowed with argument"),
+    (["--captions", "nowhere.txt"], "argument --captions: no file nowhere.txt"),
+    (["--captions", "."], "argument --captions: . is a folder: name a file"),
 ], ids=["data-without-classes", "classes-without-data", "val-without-captions", "batch-0",
-        "two-sources"])
-def test_flag_mistakes_are_one_line(tmp_path, argv, message):
-    """Flags that do not go together are refused in one line, before anything is read."""
+        "two-sources", "no-captions", "captions-a-folder"])
+def test_flag_mistakes_are_one_line(tmp_path, argv, message, monkeypatch):
+    """Flags that do not go together, or name no input, are refused in one line, before
+    anything is read (the input files are there, and empty)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("c.txt", "z.zip", "v.txt"):
+        (tmp_path / name).write_text("")
     with pytest.raises(caption_embed.UserError, match=message):
         run_main(*argv, "--out", tmp_path / "o.pt")
+    assert sorted(os.listdir(tmp_path)) == ["c.txt", "v.txt", "z.zip"]
 
 
 # ----------------------------------------------------------------------------
@@ -343,19 +351,19 @@ def test_existing_output_is_not_overwritten(tmp_path, no_model):
 
 @pytest.mark.parametrize("where, cause", [
     ("file.txt/o.pt", "file.txt is a file"),
-    ("file.txt/sub/o.pt", "Not a directory"),
-    ("folder", "it is a directory"),
+    ("file.txt/sub/o.pt", "file.txt is a file"),
+    ("folder", "folder is a folder: name a file"),
 ], ids=["under-a-file", "deeper-under-a-file", "a-directory"])
 def test_unwritable_output_fails_before_any_model_loads(tmp_path, no_model, where, cause):
     """An --out that cannot be written (under a regular file, or a directory) is one line naming
-    the path and the cause, raised before the encoder is loaded."""
+    the flag, the path and the cause, raised before the encoder is loaded."""
     (tmp_path / "file.txt").write_text("a file, not a folder")
     (tmp_path / "folder").mkdir()
     out = tmp_path / where
     with pytest.raises(caption_embed.UserError) as e:
         run_main("--captions", write_paper(tmp_path / "c.txt", CAPTIONS.items()), "--out", out)
-    assert str(e.value).startswith(f"cannot write {out}: ") and cause in str(e.value)
-    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("argument --out: ") and cause in str(e.value)
+    assert str(out) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):

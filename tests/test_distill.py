@@ -316,12 +316,13 @@ def fails(capsys, argv):
     (lambda p: hf_teacher(p, names=["a", "b", "c", "d"]), [], "has 4 classes"),
     (lambda p: hf_teacher(p, names=["c", "b", "a"]), [], "in this order"),
     (lambda p: hf_teacher(p, image_size=32), [], "takes 32 px images"),
-    (lambda p: str(p / "no-such-model"), [], "is not available offline"),
+    (lambda p: str(p / "no-such-model"), [], "argument --teacher: no file or folder "),
+    (lambda p: "someone/no-such-model", [], "is not available offline"),
     (None, ["--clip", "openai/clip-vit-large-patch14"], "CLIP 'openai/clip-vit-large-patch14'"
      " is not available offline"),
     (None, ["--clip", ""], "--arms richkd needs --clip"),
-    (None, ["--arms", "kd,dkd"], "--arms kd,dkd: choose among"),
-    (None, ["--temperature", "0"], "--temperature must be above 0"),
+    (None, ["--arms", "kd,dkd"], "argument --arms: dkd: choose among kd,richkd,scaled-teacher"),
+    (None, ["--temperature", "0"], "argument --temperature: must be a number in (0, 100], got 0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(teachers, clip, folder, tmp_path, capsys,
                                                   make, flags, message):

@@ -180,20 +180,28 @@ def test_ctrl_c_is_one_line_and_exit_130(script, monkeypatch, capsys):
     ("caption_images.py", ["--device", "foo"], "--device foo is not a device"),
     ("caption_images.py", ["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
     ("caption_images.py", ["--device", "cuda:3"], "--device cuda:3: this machine has no CUDA"),
-    ("experiments/study.py", ["--workers", "0"], "--workers must be 1 or more, got 0"),
-    ("experiments/study.py", ["--workers", "-2"], "--workers must be 1 or more, got -2"),
-    ("experiments/compare.py", ["--seeds", "0", "--text", "t.pt"], "--seeds must be 1 or more"),
-    ("experiments/compare.py", ["--seeds", "two"], "argument --seeds: invalid int value"),
+    ("experiments/study.py", ["--workers", "0"], "argument --workers: must be an integer in "
+                                                 "[1, 64], got 0"),
+    ("experiments/study.py", ["--workers", "-2"], "argument --workers: must be an integer in "
+                                                  "[1, 64], got -2"),
+    ("experiments/compare.py", ["--seeds", "0", "--text", "t.pt"], "argument --seeds: must be "
+                                                                    "an integer in [1, 1000]"),
+    ("experiments/compare.py", ["--seeds", "two"], "argument --seeds: must be an integer in "
+                                                   "[1, 1000], got 'two'"),
+    ("experiments/compare.py", ["--data", "shapes", "--seed", "99999", "--seeds", "2", "--text",
+                                "t.pt"],
+     "--seeds 2 from --seed 99999 ends at seed 100000, outside the trainer's [0, 100000)"),
     ("experiments/export.py", [], "the following arguments are required: run"),
-    ("experiments/plot.py", ["runs", "--out", "x.txt"], "--out x.txt: matplotlib writes"),
+    ("experiments/plot.py", [".", "--out", "x.txt"], "--out x.txt: matplotlib writes"),
     ("benchmarks/step.py", ["--data", "shapes", "--model", "micro", "--img-size", "16",
                             "--patch-size", "8", "--batch-size", "1"], "--batch-size 1 must"),
-    ("benchmarks/against_timm.py", ["--steps", "0"], "and --steps must be 1 or more"),
+    ("benchmarks/against_timm.py", ["--steps", "0"], "argument --steps: must be an integer"),
     ("benchmarks/against_timm.py", ["--img-size", "30"], "--img-size 30 is no multiple of"),
-    ("benchmarks/against_sentence_transformers.py", ["--rounds", "0"], "--rounds and --batch"),
+    ("benchmarks/against_sentence_transformers.py", ["--rounds", "0"], "argument --rounds: "
+                                                                       "must be an integer"),
 ], ids=["device-foo", "device-cuda", "device-cuda3", "study-workers-0", "study-workers-neg",
-        "compare-seeds-0", "compare-seeds-word", "export-no-run", "plot-txt", "step-batch-1",
-        "timm-steps-0", "timm-img-size", "st-rounds-0"])
+        "compare-seeds-0", "compare-seeds-word", "compare-seeds-past-the-last", "export-no-run",
+        "plot-txt", "step-batch-1", "timm-steps-0", "timm-img-size", "st-rounds-0"])
 def test_a_bad_value_is_one_line_before_any_work(script, argv, message, tmp_path, monkeypatch,
                                                  capsys):
     """Values that cannot work are refused where they enter, before any data or model is
@@ -205,7 +213,7 @@ def test_a_bad_value_is_one_line_before_any_work(script, argv, message, tmp_path
     monkeypatch.setattr(study, "prepare", lambda *a: pytest.fail("study prepared"))
     if script == "caption_images.py":
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # the same with a GPU
-        argv = ["--data", "d", "--out", "c.txt", *argv]
+        argv = ["--data", "shapes", "--out", "c.txt", *argv]
     code, err = as_command(script, argv, monkeypatch, capsys)
     assert code == 2 and len(err) == 1 and message in err[0], (code, err)
     assert os.listdir(tmp_path) == []
@@ -563,7 +571,7 @@ def test_caption_images_force_replaces_only_its_own_caption_file(pictures, tmp_p
                          (tmp_path / "new.txt", f"{tmp_path}/new.txt.json was not written by "
                           "caption_images.py: choose another --out")):
         with pytest.raises(UserError) as e:
-            caption_images.main(["--data", pictures, "--model", str(tmp_path / "nowhere"),
+            caption_images.main(["--data", pictures, "--model", "nowhere/no-such-model",
                                  "--out", str(out), "--force"])
         assert str(e.value) == message
     assert snapshot(tmp_path) == before
