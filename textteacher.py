@@ -626,13 +626,15 @@ def load_checkpoint(path):
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     need(os.path.exists(path) or not os.path.exists(path + ".tmp"), f"{os.path.dirname(path)} "
          "stopped while writing its first checkpoint: start it again, without --resume")
-    try:
+    need(os.path.isfile(path), f"{path} does not exist: pass a checkpoint file or a run folder")
+    try:  # checkpoints are written whole or not at all: a torn one was copied or cut outside
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["format"] == "textteacher-checkpoint-v2"
-        return ckpt, path
     except Exception as e:
-        raise UserError(f"{path} is not a checkpoint of this textteacher.py ({type(e).__name__}); "
-                        "pass a checkpoint file or a run folder") from None
+        raise UserError(f"{path} is truncated or damaged, or no checkpoint ({type(e).__name__}):"
+                        " copy it again from where it came, or start the run again") from None
+    need(isinstance(ckpt, dict) and ckpt.get("format") == "textteacher-checkpoint-v2", f"{path} "
+         "is not a checkpoint of this textteacher.py; pass a checkpoint file or a run folder")
+    return ckpt, path
 
 
 def read_source(path):

@@ -557,10 +557,14 @@ def test_a_file_that_is_no_embeddings_file(folder, tmp_path, capsys):
 
 def test_resume_of_nothing_or_of_another_file(tmp_path, capsys):
     line = fails(capsys, ["--resume", str(tmp_path / "nothing")])
-    assert line == (f"error: {tmp_path / 'nothing'} is not a checkpoint of this textteacher.py "
-                    "(FileNotFoundError); pass a checkpoint file or a run folder")
+    assert line == (f"error: {tmp_path / 'nothing'} does not exist: pass a checkpoint file or a "
+                    "run folder")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     line = fails(capsys, ["--resume", str(tmp_path / "junk.pt")])
-    assert line.startswith(f"error: {tmp_path / 'junk.pt'} is not a checkpoint of this "
-                           "textteacher.py (")
-    assert line.endswith("); pass a checkpoint file or a run folder")
+    assert line.startswith(f"error: {tmp_path / 'junk.pt'} is truncated or damaged, or no "
+                           "checkpoint (")
+    assert line.endswith("): copy it again from where it came, or start the run again")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    line = fails(capsys, ["--resume", str(tmp_path / "other.pt")])
+    assert line == (f"error: {tmp_path / 'other.pt'} is not a checkpoint of this textteacher.py; "
+                    "pass a checkpoint file or a run folder")

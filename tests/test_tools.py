@@ -438,5 +438,6 @@ def test_the_readme_table_names_each_part_at_its_true_line():
     for name, line in cited:
         assert re.match(rf"(def|class) {name}\b|{name} = ", source[int(line) - 1]), (name, line)
     for part in ("clip_loss", "adaptive_weight", "step_losses", "lambda_at", "cutmix", "mix",
-                 "TextTeacher", "TextTargets", "Lamb", "lr_at", "noisy_labels", "export"):
+                 "TextTeacher", "TextTargets", "build_optimizer", "lr_at", "noisy_labels",
+                 "export"):
         assert part in dict(cited), part

@@ -552,10 +552,10 @@ BAD = {  # case: (the --init source and more flags, in the tmp_path and of the s
                            "has patch size 8: drop --patch-size 4"),
     "another model": (lambda tmp, src: (src, "--model", "tiny"),
                       "has model micro: drop --model tiny"),
-    "an empty folder": (lambda tmp, src: (junk_folder(f"{tmp}/empty"),), "is not a checkpoint"),
+    "an empty folder": (lambda tmp, src: (junk_folder(f"{tmp}/empty"),), "does not exist"),
     "a folder of random files": (
         lambda tmp, src: (junk_folder(f"{tmp}/junk", "notes.txt", "checkpoint.pt"),),
-        "is not a checkpoint"),
+        "is truncated or damaged"),
     "random bytes as model.safetensors": (
         lambda tmp, src: (junk_folder(f"{tmp}/junk", "model.safetensors"),), "is not an export"),
     "weights narrower than config.json's (a named size)": (
