@@ -3,7 +3,8 @@ What does the text put into the features? A planned experiment on the shapes set
 seeds: linear probes of every attribute a caption names, a transfer task that needs one, and the
 clean-label cost against how much the caption says.
 
-    python experiments/features.py       # about 45 minutes on 2 CPU cores; two workers, 1 thread each
+    python experiments/features.py       # about 45 minutes on 2 CPU cores (two workers)
+    python experiments/features.py --root runs/photos/shapes --place-only   # the re-run below
 
 It draws the shapes set if data/shapes is missing, and the transfer set (data/shapes-place)
 if that is; writes and embeds the caption variants; trains every source run below for seeds
@@ -207,14 +208,23 @@ def finetune_config(task_data, source, seed):
     return cfg
 
 
-def work(root, data, task_data, worker, workers):
+# --place-only: the transfer task's fine-tunes alone, from the study's four main cells (the
+# runs of experiments/study.py and experiments/photos.py), beside the from-scratch reference
+PLACE_CELLS = ("baseline-n0.0", "baseline-n0.5", "full-n0.0", "full-n0.5")
+
+
+def work(root, data, task_data, worker, workers, cells=tuple(SOURCES)):
     """This worker's share: every workers-th source run, then every workers-th fine-tune."""
     for path, cfg, captions in jobs(root, data)[worker::workers]:
+        if not any(path == folder(root, c, cfg.seed) for c in cells):
+            continue
         on_epoch = compare.alignment(cfg, os.path.join(root, "text-full.pt")) if captions else None
         compare.run_arm(cfg, path, on_epoch=on_epoch)
     # the fine-tunes start once every source run of this worker is done; a source run of the
     # other worker may still be running: wait for its export
-    for path, source, make in finetunes(root, task_data)[worker::workers]:
+    wanted = [f for f in finetunes(root, task_data)
+              if os.path.basename(os.path.dirname(f[0])) in (*cells, "scratch")]
+    for path, source, make in wanted[worker::workers]:
         while source and not os.path.exists(os.path.join(source, "export", "config.json")):
             time.sleep(5)
         compare.run_arm(make(), path)
@@ -351,11 +361,14 @@ def main(argv=None):
     p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=2)
     p.add_argument("--worker", type=cli.number(int, "[-1, 63]"), default=-1,
                    help=argparse.SUPPRESS)
+    p.add_argument("--place-only", action="store_true", help="only the place task's "
+                   "fine-tunes of the baseline and full-caption cells, and the scratch runs")
     args = p.parse_args(argv)
     cli.need(args.worker < args.workers, f"--worker {args.worker} is not one of the "
              f"{args.workers} --workers")
+    cells = PLACE_CELLS if args.place_only else tuple(SOURCES)
     if args.worker >= 0:
-        return work(args.root, args.data, args.task_data, args.worker, args.workers)
+        return work(args.root, args.data, args.task_data, args.worker, args.workers, cells)
     cli.lock(args.root, "--root")  # the study's folder: one of them at a time
     prepare(args.root, args.data, args.task_data)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -363,7 +376,34 @@ def main(argv=None):
                                str(i)], env=env) for i in range(args.workers)]
     cli.need(not any(p.wait() for p in procs), "a worker failed; run the same command again to "
              "continue")
+    if args.place_only:
+        return place_report(args.root, args.docs)
     report(args.root, args.docs, probes(args.root, args.data, args.task_data))
+
+
+def place_report(root, docs):
+    """docs/features-place.md: the place task's fine-tunes, final and best top-1, per cell and
+    from scratch, and the paired differences to the baseline of the same seed and noise."""
+    where = os.path.join(root, f"{TASK['attribute']}-e{FINETUNE_EPOCHS}")
+    top = {c: [compare.read_metrics(os.path.join(where, c, f"seed{s}"))[-1] for s in SEEDS]
+           for c in (*PLACE_CELLS, "scratch")}
+    lines = ["| start | final top-1 | best top-1 | final - baseline (paired) |",
+             "|---|---|---|---|"]
+    for c, records in top.items():
+        final, best = ([r[k] for r in records] for k in ("top1", "best_top1"))
+        diff = ""
+        if c.startswith("full"):
+            base = [r["top1"] for r in top[c.replace("full", "baseline")]]
+            diff = "{:+.1f} ± {:.1f}".format(*compare.mean_std(np.subtract(final, base)))
+        lines.append(f"| {c} | " + " | ".join("{:.1f} ± {:.1f}".format(*compare.mean_std(v))
+                                              for v in (final, best)) + f" | {diff} |")
+    text = (f"The place task (data/shapes-place, 9 classes, chance 11%), fine-tuned for "
+            f"{FINETUNE_EPOCHS} epochs from each source run (seeds 0, 1, 2) and trained from "
+            "scratch with the same recipe and budget; top-1 %, mean ± std over the seeds. "
+            "Written by `python experiments/features.py --place-only`.\n\n"
+            + "\n".join(lines) + "\n")
+    cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(docs, "features-place.md"))
+    print(text)
 
 
 if __name__ == "__main__":
