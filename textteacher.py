@@ -240,9 +240,9 @@ def image_split(data, data_dir, split, protocol="official"):
     is (PIL image, label). keys[i] names sample i in caption and embeddings files: its index
     for CIFAR, its file name elsewhere (the paper's ImageNet encodings are keyed so), or its
     path CLASS/FILE where file names repeat across classes (imagesets.file_keys)."""
-    if data not in PRESETS:  # an image folder: PATH/train/CLASS/IMAGE
-        return imagesets.image_split(data, data, split, protocol)
-    return imagesets.image_split(data, data_dir or PRESETS[data].get("data_dir"), split, protocol)
+    # a named set under data_dir (or its preset's); an image folder is PATH/train/CLASS/IMAGE
+    root = data_dir or PRESETS[data].get("data_dir") if data in PRESETS else data
+    return imagesets.image_split(data, root, split, protocol)
 
 
 class Samples(Dataset):
@@ -642,21 +642,22 @@ def read_source(path):
     (config.json and model.safetensors) or what load_checkpoint reads."""
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         ckpt = load_checkpoint(path)[0]  # the text head stays behind: only "vit." is the ViT
-        need(ckpt["epoch"] >= ckpt["config"]["epochs"], f"{path} stopped after epoch "
-             f"{ckpt['epoch']} of {ckpt['config']['epochs']}: finish it with --resume, or "
-             "export its weights as they are (experiments/export.py --unfinished)")
+        need(ckpt["epoch"] >= ckpt["config"]["epochs"], f"{path} is an unfinished run: finish "
+             "it with --resume, or export it as it is (experiments/export.py --unfinished)")
         vit = {k[4:]: v for k, v in ckpt["model"].items() if k.startswith("vit.")}
         return ckpt["model_args"], vit, ckpt["classes"]
+    from safetensors.torch import load_file
+    config = cli.json_or(os.path.join(path, "config.json"), {})
+    ours = config.get("textteacher", config)  # an export from before timm's format: ours
+    classes = config.get("label_names", config.get("classes"))
+    again = "export the run again (experiments/export.py RUN)"
+    need(isinstance(ours, dict) and "model_args" in ours and classes, f"{path}/config.json is "
+         f"missing, truncated or no export's config of this textteacher.py: {again}")
     try:
-        from safetensors.torch import load_file
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-        ours = config.get("textteacher", config)  # an export from before timm's format: ours
-        classes = config.get("label_names", config.get("classes"))
         return ours["model_args"], load_file(f"{path}/model.safetensors"), classes
     except Exception as e:
-        raise UserError(f"{path} is not an export of this textteacher.py ({type(e).__name__}: "
-                        f"{str(e)[:80]})") from None
+        raise UserError(f"{path}/model.safetensors is truncated or damaged ({type(e).__name__})"
+                        f": {again}") from None
 
 
 def resize_pos_embed(pos, grid):

@@ -557,7 +557,8 @@ BAD = {  # case: (the --init source and more flags, in the tmp_path and of the s
         lambda tmp, src: (junk_folder(f"{tmp}/junk", "notes.txt", "checkpoint.pt"),),
         "is truncated or damaged"),
     "random bytes as model.safetensors": (
-        lambda tmp, src: (junk_folder(f"{tmp}/junk", "model.safetensors"),), "is not an export"),
+        lambda tmp, src: (junk_folder(f"{tmp}/junk", "model.safetensors"),),
+        "config.json is missing, truncated or no export's config"),
     "weights narrower than config.json's (a named size)": (
         lambda tmp, src: (changed_export(f"{tmp}/wide", src, width=192, depth=12, heads=3),),
         "do not fit"),
