@@ -46,6 +46,11 @@ class UserError(Exception):
     code = 2
 
 
+class Diverged(UserError):
+    """textteacher.py: the loss or the gradient became NaN or infinite; exit code 1."""
+    code = 1
+
+
 def need(ok, message):
     """A check on the input: a one-line UserError with the message unless ok."""
     if not ok:

@@ -56,11 +56,6 @@ from cli import UserError, need, save_atomic
 from lamb import Lamb  # LAMB (You et al., 2020), the optimiser of DeiT III's recipe
 
 
-class Diverged(UserError):
-    """The loss or the gradient became NaN or infinite: one line, exit code 1."""
-    code = 1
-
-
 # ----------------------------------------------------------------------------
 # Configuration: one flat dataclass; the command line is generated from it
 
@@ -650,14 +645,16 @@ def read_source(path):
     config = cli.json_or(os.path.join(path, "config.json"), {})
     ours = config.get("textteacher", config)  # an export from before timm's format: ours
     classes = config.get("label_names", config.get("classes"))
-    again = "export the run again (experiments/export.py RUN)"
     need(isinstance(ours, dict) and "model_args" in ours and classes, f"{path}/config.json is "
-         f"missing, truncated or no export's config of this textteacher.py: {again}")
-    try:
-        return ours["model_args"], load_file(f"{path}/model.safetensors"), classes
+         "missing, truncated or no export's config: export the run again (experiments/export.py)")
+    try:  # safetensors keeps no checksum, but damaged bytes read as NaN or inf somewhere
+        state = load_file(f"{path}/model.safetensors")
+        if not all(torch.isfinite(v).all() for v in state.values()):
+            raise ValueError("NaN or inf")
     except Exception as e:
         raise UserError(f"{path}/model.safetensors is truncated or damaged ({type(e).__name__})"
-                        f": {again}") from None
+                        ": export the run again (experiments/export.py)") from None
+    return ours["model_args"], state, classes
 
 
 def resize_pos_embed(pos, grid):
@@ -975,7 +972,7 @@ def check_finite(bad, run_dir):
     all-reduced."""
     if bad:
         saved = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
-        raise Diverged("the loss or the gradient became NaN or infinite; " + (
+        raise cli.Diverged("the loss or the gradient became NaN or infinite; " + (
             f"the last checkpoint is from before it: --resume {run_dir} --lr LOWER (or "
             "--clip-grad LOWER)" if saved else "no checkpoint was saved before it: start again "
             "with a lower --lr"))

@@ -251,6 +251,9 @@ def read_metrics(run_dir):
             lines = f.read().splitlines()
     except OSError as e:
         raise tt.UserError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:  # garbled bytes: not the trainer's text
+        raise tt.UserError(f"{path} is damaged (not UTF-8 text): train the run again, or "
+                           "delete it") from None
     records = []
     for n, line in enumerate(lines, 1):
         try:
@@ -369,6 +372,27 @@ def summarize(runs, arms, seeds):
     return out
 
 
+# The trainer's flags that name what it reads. Its parser takes them as text, and the trainer
+# reads them when a run starts: a tool that passes them on checks them first, as it checks its
+# own flags, before it makes a folder or trains an arm (distill.py trained its baseline arm
+# for minutes before a missing --text ended it).
+TRAINER_INPUTS = {"--data": cli.path("folder", names=tuple(tt.PRESETS)),
+                  "--data-dir": cli.path("new folder"),  # a named set may be downloaded there
+                  "--text": cli.path("file", names=("",)),
+                  "--init": cli.path("file or folder", names=("",)),
+                  "--resume": cli.path("file or folder", names=("",)),
+                  "--out-dir": cli.path("new folder")}
+
+
+def need_inputs(argv):
+    """Each flag of TRAINER_INPUTS in argv (what a tool passes on to textteacher.parse_config)
+    that names nothing of its kind, refused in one line naming the flag."""
+    p = cli.Parser(add_help=False, allow_abbrev=False)
+    for flag, kind in TRAINER_INPUTS.items():
+        p.add_argument(flag, type=kind)
+    p.parse_known_args(argv)
+
+
 def need_seeds(seed, seeds):
     """The arms' seeds, seed .. seed + seeds - 1, all within the trainer's --seed range."""
     allowed = tt.Config.__dataclass_fields__["seed"].metadata["allowed"]
@@ -386,6 +410,7 @@ def main(argv=None):
     p.add_argument("--control", choices=("shuffle", "random"), default="")
     p.add_argument("--teacher", default="", type=cli.path("folder", names=("",), hub=True))
     args, rest = p.parse_known_args(argv)
+    need_inputs(rest)
     cfg, _ = tt.parse_config(rest)
     tt.check_config(cfg)
     need_seeds(cfg.seed, args.seeds)

@@ -111,8 +111,9 @@ def arms_in(root):
     for name in sorted(os.listdir(root)):
         m, path = re.fullmatch(r"seed(\d+)-(.+)", name), os.path.join(root, name)
         if m and os.path.isdir(path):
-            with open(os.path.join(path, "config.json")) as f:
-                epochs = json.load(f)["epochs"]
+            # config.json repeats the checkpoint's settings: torn, the checkpoint has them
+            epochs = cli.json_or(os.path.join(path, "config.json"), {}).get("epochs") or (
+                tt.load_checkpoint(path)[0]["config"]["epochs"])
             cli.need(compare.finished(path, epochs), f"{path} is not finished: run its "
                      "experiments/compare.py command again first")
             found[int(m[1]), m[2]] = path
@@ -172,6 +173,7 @@ def main(argv=None):
     p.add_argument("--finetune", action="store_true", help="fine-tune every arm (--init)")
     p.add_argument("--probe", action="store_true", help="a linear probe on frozen features")
     args, rest = p.parse_known_args(argv)
+    compare.need_inputs(rest)
     cli.need(args.finetune or args.probe, "say what to run: --finetune, --probe, or both")
     transfer(args.root, rest, args.finetune, args.probe)
 

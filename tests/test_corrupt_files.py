@@ -1,0 +1,118 @@
+"""
+Every kind of file the trainer and its tools read, truncated, emptied and garbled: one line on
+stderr that names the file and says what to do, exit code 2, no traceback, and nothing of the
+user's changed. The kinds are listed once (KINDS), each with the command that reads it; the
+three damages are applied to every kind.
+"""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from common import CHEAP, ROOT, base_args, run, snapshot, write_embeddings
+from common import folder  # noqa: F401  (a fixture)
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import caption_embed  # noqa: E402
+import cli  # noqa: E402
+import transfer  # noqa: E402
+
+
+def truncated(data):
+    return data[:len(data) // 2]
+
+
+def emptied(data):
+    return b""
+
+
+def garbled(data):
+    """Random bytes over the middle third: the length stays, the content does not."""
+    start, n = len(data) // 3, max(len(data) // 3, 16)
+    noise = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(0))
+    return data[:start] + bytes(noise.tolist()) + data[start + n:]
+
+
+DAMAGES = {"truncated": truncated, "emptied": emptied, "garbled": garbled}
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    """A finished run (checkpoint, config.json, metrics.jsonl, export/) and its embeddings
+    file: the originals that each case copies and damages."""
+    out = tmp_path_factory.mktemp("trained")
+    assert run(base_args(folder, out, *CHEAP, "--epochs", "1", "--name", "r")) == 0
+    return folder, out
+
+
+def invoke(command, argv):
+    """A command in this process as a user runs it: (exit code)."""
+    try:
+        cli.run(command, argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def train(*argv):
+    import textteacher as tt
+    return lambda _: tt.main(list(map(str, argv)))
+
+
+# kind: (the file, relative to the case folder, and the command that reads it, as a function
+# of (folder fixture, case folder)). A run's config.json is not among them: it repeats the
+# checkpoint's settings, and the tools read the checkpoint where it is torn.
+KINDS = {
+    "checkpoint (--resume)": ("r/checkpoint.pt", lambda f, d: train("--resume", f"{d}/r")),
+    "checkpoint (--init)": ("r/checkpoint.pt", lambda f, d: train(
+        *base_args(f, d, "--init", f"{d}/r", "--name", "t"))),
+    "export config.json (--init)": ("r/export/config.json", lambda f, d: train(
+        *base_args(f, d, "--init", f"{d}/r/export", "--name", "t"))),
+    "export weights (--init)": ("r/export/model.safetensors", lambda f, d: train(
+        *base_args(f, d, "--init", f"{d}/r/export", "--name", "t"))),
+    "embeddings file (--text)": ("text.pt", lambda f, d: train(
+        *base_args(f, d, "--text", f"{d}/text.pt", "--name", "t"))),
+    "metrics.jsonl (transfer.py)": ("arms/seed0-baseline/metrics.jsonl", lambda f, d: (
+        lambda _: transfer.main([f"{d}/arms", "--probe", "--data", f[0]]))),
+    "caption file (caption_embed.py)": ("captions.txt", lambda f, d: (
+        lambda _: caption_embed.main(["--captions", f"{d}/captions.txt", "--out",
+                                      f"{d}/new.pt"]))),
+    "class names (caption_embed.py)": ("names.txt", lambda f, d: (
+        lambda _: caption_embed.main(["--classes", "--data", f[0], "--class-names",
+                                      f"{d}/names.txt", "--out", f"{d}/new.pt"]))),
+}
+
+
+def prepare(trained, case):
+    """The case folder: the trained run, its embeddings file, a compare.py-like folder of one
+    arm, a caption file and a class-name file."""
+    folder, out = trained
+    shutil.copytree(out / "r", case / "r")
+    shutil.copy(folder[1], case / "text.pt")
+    os.makedirs(case / "arms")
+    shutil.copytree(out / "r", case / "arms" / "seed0-baseline")
+    (case / "captions.txt").write_text("".join(f"a_train_{i:03d}.png:\ta small picture number "
+                                               f"{i}\n" for i in range(40)))
+    (case / "names.txt").write_text("a\tapple\nb\tbanana\nc\tcherry\n")
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_damaged_file_is_one_line_naming_it(trained, tmp_path, capsys, kind, damage):
+    case = tmp_path / "case"
+    prepare(trained, case)
+    name, command = KINDS[kind]
+    path = case / name
+    path.write_bytes(DAMAGES[damage](path.read_bytes()))
+    before = snapshot(case)
+    capsys.readouterr()
+    code = invoke(command(trained[0], str(case)), None)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert str(path) in err or str(path.parent) in err, err  # names the file (or its folder)
+    after = snapshot(case)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing changed
