@@ -415,8 +415,8 @@ def parse_args(argv=None):
                    help="lines 'key<TAB>name'; default: the key, _ as a space")
     p.add_argument("--encoder", type=cli.path("folder", hub=True),
                    help="Hugging Face name or folder; with --import-zip recorded")
-    # the upper end: a batch of the longest texts (512 tokens) through BERT-Large holds about
-    # 8 GB of activations
+    # the upper end: 4096 of the longest texts (512 tokens) are 8 GB per hidden state of
+    # BERT-Large, of which a forward pass holds a few
     p.add_argument("--batch-size", type=cli.number(int, "[1, 4096]"), default=64,
                    help="texts per forward pass")
     p.add_argument("--device", type=str, default="auto",

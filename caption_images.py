@@ -77,8 +77,8 @@ def parse_args(argv=None):
                    type=cli.path("folder", names=lambda text: text.startswith("open_clip:"),
                                  hub=True))
     # Beam search, no sampling: the same image always gets the same caption, as in the paper.
-    # The upper ends keep a batch's beams in memory anywhere (a batch of 1024 images at
-    # BLIP-L's 384 px is 1.8 GB of pixels before the model sees them).
+    # The upper ends are far above any use and keep a batch within a machine's memory: 1024
+    # images at BLIP-L's 384 px are 1.8 GB of float32 pixels before the beams multiply them.
     p.add_argument("--num-beams", type=cli.number(int, "[1, 64]"), default=3,
                    help="beam width (1 = greedy)")
     p.add_argument("--max-new-tokens", type=cli.number(int, "[1, 4096]"), default=30,

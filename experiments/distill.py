@@ -370,6 +370,7 @@ def main(argv=None):
         if {"-h", "--help"} & set(argv or sys.argv[1:]):
             p.print_help()
         args, rest = p.parse_known_args(argv)
+        compare.need_inputs(rest)
         cfg, _ = tt.parse_config(rest)
         tt.check_config(cfg)
         need(args.teacher or not args.arms, "--arms needs --teacher (a run of textteacher.py or "

@@ -3,11 +3,14 @@ values it must refuse (issue "Reliable by construction"). No list of flags is wr
 a flag added to any script is walked the next time this file runs.
 
 A command is every script of the project with a main() and a __main__ block. Its parsers are
-those it builds before its first full parse (parse_args), caught by patching argparse; a
-parser that textteacher.parse_config builds for a script that passes its other flags through
-(compare.py, distill.py, gpu_check.py, step.py, transfer.py) is textteacher.py's, walked once
-as that command's. Each flag must declare what it takes (cli.number's range, cli.path's kind,
-cli.some_of's or argparse's choices, or type=str for free text), and is then given:
+those it parses with up to its first full parse (parse_args), caught by patching argparse, in
+this process; a parser that textteacher.parse_config builds for a script that passes its other
+flags on (compare.py, distill.py, gpu_check.py, transfer.py; step.py has no flag of its own)
+is textteacher.py's, walked once as that command's, and a script's own parser must leave
+every one of those flags to it. The trainer's path flags that compare.need_inputs checks for
+the tools that pass them on are walked as those tools' own. Each flag must declare what it
+takes (cli.number's range, cli.path's kind, cli.some_of's or argparse's choices, or type=str
+for free text), and is then given:
     a number     0, -1, 10**30, 2**70, nan, inf, "" and abc, but for those its range allows
     choices      one that is none of them
     a path       a missing one where it reads, a folder where it reads or writes a file, a
@@ -16,14 +19,17 @@ Each must end, in this process, as the command ends: a non-zero exit within a fe
 most two lines on stderr and no traceback, the flag named, and nothing written (the working
 folder and the paths given are listed before and after).
 
-What the walk cannot reach: textteacher.py's path flags (--data, --data-dir, --text, --init,
---resume, --out-dir) are free text to its parser (type=str: its Config declares no kind of
-path), so only their numbers and choices are walked; their own checks are in
-tests/test_bad_input.py.
+What the walk cannot reach: textteacher.py's own path flags (--data, --data-dir, --text,
+--init, --resume, --out-dir) are free text to its parser (type=str: its Config declares no
+kind of path), so for textteacher.py itself only its numbers and choices are walked (its
+checks of those paths, when a run starts, are tests/test_bad_input.py's). Nor can it tell
+that a tool which reads the trainer's inputs calls compare.need_inputs: one that stops
+calling it loses those flags from its walk without a failure.
 
 Run: python -m pytest -q tests/test_every_flag.py
 """
 import argparse
+import dataclasses
 import glob
 import importlib
 import os
@@ -36,6 +42,7 @@ import pytest
 from common import ROOT
 
 import cli
+import textteacher
 
 for _tools in ("experiments", "benchmarks"):
     if os.path.join(ROOT, _tools) not in sys.path:
@@ -63,10 +70,11 @@ class Parsed(BaseException):
     """Raised in place of a command's full parse: its parsers are known, and nothing ran."""
 
 
-def parsers_of(module, monkeypatch):
+def parsers_of(module, monkeypatch, things):
     """[(parser, name of the module that parses with it, whether it passes on what it does
     not know)] of the parsers module.main uses up to its first full parse (parse_args), which
-    is not made."""
+    is not made. Where a parser stops it for a positional it lacks, again with one, until no
+    new parser is seen (transfer.py checks the trainer's paths once it has its ROOT)."""
     seen = []
 
     def known(self, args=None, namespace=None):
@@ -77,24 +85,32 @@ def parsers_of(module, monkeypatch):
         seen.append((self, sys._getframe(1).f_globals.get("__name__"), False))
         raise Parsed
 
-    real = argparse.ArgumentParser.parse_known_args
-    with monkeypatch.context() as m:
-        m.setattr(argparse.ArgumentParser, "parse_known_args", known)
-        m.setattr(argparse.ArgumentParser, "parse_args", full)
-        try:
-            module.main([])
-        except (Parsed, SystemExit, cli.UserError):  # parsed, or a positional missing
-            pass
+    real, argv = argparse.ArgumentParser.parse_known_args, []
+    for _ in range(3):
+        seen.clear()
+        with monkeypatch.context() as m:
+            m.setattr(argparse.ArgumentParser, "parse_known_args", known)
+            m.setattr(argparse.ArgumentParser, "parse_args", full)
+            try:
+                module.main(argv)
+            except (Parsed, SystemExit, cli.UserError):  # parsed, or stopped by a check
+                pass
+        positionals = [minimal(a, things) for p, _, _ in seen for a in p._actions
+                       if not a.option_strings]
+        if positionals == argv:
+            break
+        argv = positionals
     assert seen, f"{module.__name__} reads no flags through argparse"
     return seen
 
 
-def own_flags(module, monkeypatch):
-    """(parsers, {flag: action}) of what module.main parses itself, in the parsers' order: the
-    actions that take a value (no -h, no switch), named by option string (positionals by
-    their dest), the last definition of a name winning (textteacher.py's pre-parser of --data
-    and --preset, then its full parser)."""
-    mine = [p for p, caller, _ in parsers_of(module, monkeypatch) if caller == module.__name__]
+def own_flags(module, monkeypatch, things):
+    """(parsers, {flag: action}) of what module.main parses itself (not textteacher.py for
+    it), in the parsers' order: the actions that take a value (no -h, no switch), named by
+    option string (positionals by their dest), the last definition of a name winning
+    (textteacher.py's pre-parser of --data and --preset, then its full parser)."""
+    mine = [p for p, caller, _ in parsers_of(module, monkeypatch, things)
+            if caller != "textteacher" or module.__name__ == "textteacher"]
     flags = {}
     for parser in mine:
         for a in parser._actions:
@@ -160,7 +176,8 @@ def minimal(action, things):
 
 def argv_for(parsers, flags, flag, value, things):
     """The command line: flag's value, and a value for each other required flag (one of each
-    required group), positionals last in their order."""
+    required group), positionals first in their order (a parser that passes on what it does
+    not know would take the value of an unknown flag for a positional)."""
     under = flags[flag]
     options, positionals = [flag, value] if under.option_strings else [], []
     for name, a in flags.items():
@@ -178,7 +195,7 @@ def argv_for(parsers, flags, flag, value, things):
         if under not in group._group_actions:
             a = group._group_actions[0]
             options += [max(a.option_strings, key=len), minimal(a, things)]
-    return options + positionals
+    return positionals + options
 
 
 def listing(folder):
@@ -242,11 +259,19 @@ def things(tmp_path_factory):
     return str(base)
 
 
+def test_the_walk_finds_every_flag_of_the_trainer(things, monkeypatch):
+    """The walk itself, where the flags are known another way: textteacher.py makes one from
+    each field of its Config, and those that take a value are what the walk must find."""
+    _, flags = own_flags(command("textteacher.py"), monkeypatch, things)
+    assert set(flags) == {"--" + f.name.replace("_", "-") for f in
+                          dataclasses.fields(textteacher.Config) if f.type is not bool}
+
+
 @pytest.mark.parametrize("script", COMMANDS)
-def test_every_flag_declares_what_it_takes(script, monkeypatch):
+def test_every_flag_declares_what_it_takes(script, things, monkeypatch):
     """A number its range, a path its kind, a word its choices; free text says type=str. What
     declares nothing is a flag this walk would silently pass over."""
-    _, flags = own_flags(command(script), monkeypatch)
+    _, flags = own_flags(command(script), monkeypatch, things)
     undeclared = [f for f, a in flags.items() if declared(a) is None]
     assert not undeclared, f"declare with cli.number, cli.path, cli.some_of, choices or " \
         f"type=str: {', '.join(undeclared)}"
@@ -254,17 +279,19 @@ def test_every_flag_declares_what_it_takes(script, monkeypatch):
 
 @pytest.mark.parametrize("script", COMMANDS)
 def test_the_trainers_flags_pass_through_untouched(script, things, monkeypatch):
-    """A parser of a script's own that passes on the flags it does not know (parse_known_args:
-    to textteacher.parse_config) leaves every flag of the trainer's to it: an abbreviation
-    took --seed for compare.py's --seeds, which then ran that many seeds from seed 0."""
+    """A parser of a script's own flags that passes on the others (parse_known_args, to
+    textteacher.parse_config) leaves every flag of the trainer's to it: an abbreviation took
+    --seed for compare.py's --seeds, which then ran that many seeds from seed 0. (A parser of
+    the trainer's flags alone, compare.need_inputs's, only checks them.)"""
     module = command(script)
-    passing = [p for p, caller, known in parsers_of(module, monkeypatch)
-               if caller == module.__name__ and known]
-    if script == "textteacher.py" or not passing:
-        pytest.skip("passes no flags on")
-    trainers = {o for p in own_flags(command("textteacher.py"), monkeypatch)[0]
+    trainers = {o for p in own_flags(command("textteacher.py"), monkeypatch, things)[0]
                 for a in p._actions if not isinstance(a, argparse._HelpAction)
                 for o in a.option_strings if o.startswith("--")}
+    passing = [p for p, caller, known in parsers_of(module, monkeypatch, things)
+               if caller == module.__name__ and known and {
+                   o for a in p._actions for o in a.option_strings} - trainers]
+    if script == "textteacher.py" or not passing:
+        pytest.skip("passes no flags on")
     for parser in passing:
         positionals = [minimal(a, things) for a in parser._actions if not a.option_strings]
         taken = [o for o in sorted(trainers)
@@ -275,8 +302,10 @@ def test_the_trainers_flags_pass_through_untouched(script, things, monkeypatch):
 @pytest.mark.parametrize("script", COMMANDS)
 def test_every_bad_value_of_every_flag_is_one_line_before_any_work(script, things, tmp_path,
                                                                    monkeypatch, capsys):
+    """Each bad value in turn, the other flags minimal (a value for each required one): all
+    that is wrong is listed at once, as the command line and what went wrong with it."""
     module = command(script)
-    parsers, flags = own_flags(module, monkeypatch)
+    parsers, flags = own_flags(module, monkeypatch, things)
     monkeypatch.chdir(tmp_path)  # relative defaults (runs/, docs/, data/) land here
     wrong, tried = [], 0
     for flag, action in flags.items():

@@ -188,8 +188,7 @@ def test_ctrl_c_is_one_line_and_exit_130(script, monkeypatch, capsys):
                                                                     "an integer in [1, 1000]"),
     ("experiments/compare.py", ["--seeds", "two"], "argument --seeds: must be an integer in "
                                                    "[1, 1000], got 'two'"),
-    ("experiments/compare.py", ["--data", "shapes", "--seed", "99999", "--seeds", "2", "--text",
-                                "t.pt"],
+    ("experiments/compare.py", ["--data", "shapes", "--seed", "99999", "--seeds", "2"],
      "--seeds 2 from --seed 99999 ends at seed 100000, outside the trainer's [0, 100000)"),
     ("experiments/export.py", [], "the following arguments are required: run"),
     ("experiments/plot.py", [".", "--out", "x.txt"], "--out x.txt: matplotlib writes"),
