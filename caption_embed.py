@@ -34,7 +34,6 @@ over the rows (population std); encoder; pooling; source_sha256 (of the caption 
 dataset; captioner (the caption file's sidecar JSON as a dict, else None); and, with
 --val-captions, val_keys and val_embeddings float32 [M, D].
 """
-import argparse
 import csv
 import hashlib
 import importlib.util
@@ -45,12 +44,13 @@ import sys
 import time
 import zipfile
 
+import cli  # first: Ctrl-C while the rest imports is one line
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli  # one line for every failure, one process per output; not textteacher.py: no torchvision
 from cli import UserError, need
 
 FORMAT = "textteacher-embeddings-v1"
@@ -64,14 +64,6 @@ DATA_DIRS = {"cifar10": "data", "cifar100": "data", "imagenet": "data/imagenet",
 
 # ----------------------------------------------------------------------------
 # The embeddings file: its place checked before any work, then written atomically
-
-def writable_file(path):
-    """Before any work, that path can take a file, so that an hour of encoding never ends at a
-    path it cannot write; one line naming the path and the cause. Trying to write is the only
-    test that holds for root and read-only mounts alike."""
-    need(not os.path.isdir(path), f"cannot write {path}: it is a directory; name a file inside it")
-    cli.writable(os.path.dirname(os.path.abspath(path)), path)
-
 
 def check_out(path, force, inputs):
     """That path is not one of the inputs (a flag name -> path dict), and new unless --force,
@@ -333,8 +325,9 @@ def class_prompts(data, data_dir, names_file):
         with open(names_file or os.devnull, encoding="utf-8") as f:
             table = dict(line.strip().split(None, 1) for line in f if line.strip())
     except (RuntimeError, OSError, ValueError) as e:  # ValueError: a line without a name
-        raise UserError(f"cannot read the classes ({e}); --data needs train/<class>/ folders, "
-                        "--class-names lines 'key<TAB>name'") from None
+        raise UserError(f"cannot read the classes of {data}" + (f" or {names_file}" if names_file
+                        else "") + f" ({e}); --data needs train/<class>/ folders, --class-names "
+                        "UTF-8 lines 'key<TAB>name'") from None
     missing = [k for k in keys if names_file and k not in table]
     if missing:
         raise UserError(f"{names_file} names no class {', '.join(missing[:3])}, ...")
@@ -389,9 +382,7 @@ def import_zip(path):
 # ----------------------------------------------------------------------------
 # Command line
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other input error here
-        raise UserError(f"{message} (see --help)")
+Parser = cli.Parser  # argparse, but a wrong flag is one line and exit code 2 like every error
 
 
 def parse_args(argv=None):
@@ -419,7 +410,7 @@ def parse_args(argv=None):
     # BERT-Large, of which a forward pass holds a few
     p.add_argument("--batch-size", type=cli.number(int, "[1, 4096]"), default=64,
                    help="texts per forward pass")
-    p.add_argument("--device", type=str, default="auto",
+    p.add_argument("--device", type=cli.device, default="auto",
                    help="auto (cuda if available), cpu, cuda:1, ...")
     p.add_argument("--dataset", type=str,
                    help="set name; another named --data refuses it (default: --data)")
@@ -429,20 +420,15 @@ def parse_args(argv=None):
                 "--captions (written by caption_images.py; for shapes by experiments/shapes.py)")
     if args.val_captions and not args.captions or args.class_names and not args.data:
         p.error("--val-captions goes with --captions, --class-names with --classes")
-    args.device = args.device.replace("auto", "cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(args.device).type
-    except RuntimeError:  # torch's own message is a list of every device type it knows
-        p.error(f"--device {args.device} is not a device: cpu, cuda, cuda:1, mps, ...")
-    if kind in ("cuda", "mps") and not getattr(torch, kind).is_available():
-        p.error(f"--device {args.device}: this machine has no {kind} device; use --device cpu")
     return args
 
 
 @cli.releasing  # the claim on --out ends with main, also in a tool that calls it
 def main(argv=None):
     args = parse_args(argv)
-    writable_file(args.out)  # the output checked now, not after the encoding
+    # the output checked now, not after an hour of encoding: trying to write is the only test
+    # that holds for root and read-only mounts alike (--out is no folder: its declaration)
+    cli.writable(os.path.dirname(os.path.abspath(args.out)), args.out)
     # One process per output: a second one with the same --out is refused here, naming the
     # first, before either has done any work (both would write it, and one lose its work).
     cli.lock(args.out, "--out")

@@ -46,11 +46,12 @@ import shutil
 import time
 from functools import partial
 
+import cli  # first: Ctrl-C while the rest imports is one line
+
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import cli  # one line for every failure, one process per output, as in the trainer
 import textteacher
 from cli import UserError, need
 from textteacher import Parser

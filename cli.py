@@ -27,8 +27,11 @@ except ImportError:
 
 
 def _interrupted_while_starting(signum, frame):
-    print("interrupted while starting; nothing was done: run the command again", file=sys.stderr)
-    sys.exit(130)
+    # os._exit, not sys.exit: an exception raised inside torch's C++ import code aborts the
+    # process with a core dump; and while importing, nothing is open that needs closing
+    print("interrupted while starting; nothing was done: run the command again", file=sys.stderr,
+          flush=True)
+    os._exit(130)
 
 
 # Ctrl-C while a script of the project imports torch and the rest (seconds) is one line, not a
@@ -128,6 +131,27 @@ def path(kind, names=(), hub=False):
             f", nor {' or '.join(other)}" if other else ""))
     convert.path_kind = kind  # the declaration, which tests read back
     return convert
+
+
+def device(text):
+    """An argparse type: a torch device this machine has, by its name ("auto": cuda where
+    there is one, else cpu); a device that is not there is one line naming the flag."""
+    import torch  # only here: most commands need no device from their flags
+    name = text.replace("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(name)
+    except RuntimeError:  # torch's own message is a list of every device type it knows
+        raise argparse.ArgumentTypeError(f"{text} is not a device: auto, cpu, cuda, cuda:1, "
+                                         "mps") from None
+    if kind.type == "cuda" and torch.cuda.device_count() <= (kind.index or 0):
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()}"
+                                         " CUDA GPUs; use cpu or auto")
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no mps device; use cpu")
+    return name
+
+
+device.kinds = ("auto", "cpu", "cuda", "cuda:N", "mps")  # the declaration, which tests read
 
 
 def some_of(options):

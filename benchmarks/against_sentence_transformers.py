@@ -18,11 +18,12 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import caption_embed  # noqa: E402
-import cli  # noqa: E402
 
 WORDS = (
     "a the dog cat man woman child red blue large small old standing sitting running near on "

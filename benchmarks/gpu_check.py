@@ -50,15 +50,16 @@ import sys
 import tempfile
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-import cli  # noqa: E402
 import step  # noqa: E402  (benchmarks/step.py: its synchronize and benchmark are reused)
 import textteacher as tt  # noqa: E402
 from cli import UserError, need  # noqa: E402

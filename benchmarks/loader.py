@@ -30,6 +30,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
 import numpy as np
 import PIL.Image
 import torch
@@ -38,8 +41,6 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import ImageFilter, ImageOps
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
 import imagesets  # noqa: E402
 import textteacher as tt  # noqa: E402
 from cli import need  # noqa: E402

@@ -18,13 +18,14 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
 import textteacher as tt  # noqa: E402
 from textteacher import UserError, build_model, build_optimizer, compute_setup, step_losses  # noqa
 

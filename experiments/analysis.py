@@ -33,14 +33,15 @@ which the minibatch estimate approaches for large n.
 import os
 import sys
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
 import numpy as np
 import scipy.linalg
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-import cli  # noqa: E402
 import textteacher as tt  # noqa: E402
 import transfer  # noqa: E402
 from cli import need  # noqa: E402

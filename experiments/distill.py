@@ -67,15 +67,16 @@ import os
 import sys
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-import cli  # noqa: E402
 import compare  # noqa: E402
 import textteacher as tt  # noqa: E402
 from cli import UserError, need  # noqa: E402

@@ -16,10 +16,11 @@ which no tool reads as the run's result.
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cli  # noqa: E402
 import textteacher as tt  # noqa: E402
 from cli import need  # noqa: E402
 

@@ -76,15 +76,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import torch
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
+import numpy as np
+import torch
+
 import analysis  # noqa: E402
 import caption_embed  # noqa: E402
-import cli  # noqa: E402
 import compare  # noqa: E402
 import shapes  # noqa: E402
 import study  # noqa: E402

@@ -20,13 +20,14 @@ import json
 import os
 import sys
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
 import numpy as np
 from PIL import Image
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 import caption_embed  # noqa: E402
-import cli  # noqa: E402
 from cli import need  # noqa: E402
 
 KINDS = (

@@ -28,13 +28,14 @@ import os
 import re
 import sys
 
-import torch
-import torch.nn.functional as F
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-import cli  # noqa: E402
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
+import torch
+import torch.nn.functional as F
+
 import compare  # noqa: E402
 import textteacher as tt  # noqa: E402
 

@@ -120,9 +120,11 @@ def own_flags(module, monkeypatch, things):
 
 
 def declared(action):
-    """What the flag declares it takes: "number", "path", "some", "choice", "text" or None."""
+    """What the flag declares it takes: "number", "path", "some", "device", "choice", "text" or
+    None."""
     kind = action.type
-    for attribute, what in (("allowed", "number"), ("path_kind", "path"), ("options", "some")):
+    for attribute, what in (("allowed", "number"), ("path_kind", "path"), ("options", "some"),
+                            ("kinds", "device")):
         if hasattr(kind, attribute):
             return what
     return "choice" if action.choices is not None else "text" if kind is str else None
@@ -141,6 +143,8 @@ def bad_values(action, things):
         return [v for v in NUMBERS if not allowed(v)]
     if what == "choice":
         return [NOT_A_CHOICE]
+    if what == "device":  # not a device, and a GPU no machine has
+        return [NOT_A_CHOICE, "cuda:99"]
     if what == "some":
         return [NOT_A_CHOICE, f"{kind.options[0]},{NOT_A_CHOICE}"]
     if what == "path":
@@ -165,8 +169,8 @@ def minimal(action, things):
         return next(v for v in ("1", "2", "0") if cli.within(kind.kind(v), kind.allowed))
     if what == "choice":
         return str(action.choices[0])
-    if what == "some":
-        return kind.options[0]
+    if what in ("some", "device"):
+        return (kind.options if what == "some" else kind.kinds)[0]
     if what == "path" and kind.path_kind.startswith("new "):
         return "made-here"  # in the working folder, where nothing may appear
     if what == "path":

@@ -4,6 +4,7 @@ yet), in a later epoch, and inside the writing of a checkpoint. Each ends in one
 code 130, leaves the previous checkpoint whole, and its advice, followed, finishes the run as
 an uninterrupted run would have.
 """
+import glob
 import os
 import signal
 import subprocess
@@ -65,14 +66,25 @@ def interrupt(p):
     return one_line(err)
 
 
-def test_ctrl_c_while_importing_is_one_line():
-    """Before torch has loaded: no traceback through the import machinery."""
+COMMANDS = sorted(os.path.relpath(p, ROOT) for pattern in ("*.py", "experiments/*.py",
+                                                           "benchmarks/*.py")
+                  for p in glob.glob(os.path.join(ROOT, pattern))
+                  if "__main__" in open(p).read() and not p.endswith("cli.py"))
+
+
+def test_ctrl_c_while_importing_is_one_line_in_every_command():
+    """Every command, interrupted while it imports torch and the rest (all at once, so that
+    the test takes the time of one): one line, exit 130, no traceback through the imports."""
+    assert "textteacher.py" in COMMANDS and "experiments/transfer.py" in COMMANDS
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "textteacher.py"), "--help"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = {c: subprocess.Popen([sys.executable, os.path.join(ROOT, c), "--help"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=env) for c in COMMANDS}
     time.sleep(0.3)
-    line = interrupt(p)
-    assert line == "interrupted while starting; nothing was done: run the command again"
+    for command, p in procs.items():
+        line = interrupt(p)
+        assert line == "interrupted while starting; nothing was done: run the command again", (
+            command)
 
 
 @pytest.fixture
