@@ -54,7 +54,6 @@ from tqdm import tqdm
 
 import textteacher
 from cli import UserError, need
-from textteacher import Parser
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 COCA_PRETRAINED = "mscoco_finetuned_laion2B-s13B-b90k"  # the paper's CoCa: fine-tuned on COCO
@@ -62,7 +61,7 @@ SOT, EOT = 49406, 49407  # CLIP's <start_of_text> and <end_of_text>, between whi
 
 
 def parse_args(argv=None):
-    p = Parser(description="Caption every image of a data set once, for caption_embed.py")
+    p = cli.Parser(description="Caption every image of a data set once, for caption_embed.py")
     p.add_argument("--data", required=True, help="cifar100, imagenet, shapes or PATH",
                    type=cli.path("folder", names=tuple(textteacher.PRESETS)))
     p.add_argument("--data-dir", type=cli.path("new folder"),  # CIFAR is downloaded into it

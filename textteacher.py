@@ -64,8 +64,9 @@ MODEL_SIZES = {"micro": (128, 6, 4), "tiny": (192, 12, 3), "small": (384, 12, 6)
 
 
 def opt(default, help, allowed=None):
-    """A field with its help, and what it allows: a tuple of choices, or an interval such as
-    "[1, 100000]" (cli.within: a parenthesis excludes its end; NaN and inf are never in one)."""
+    """A field with its help, and what it allows: a tuple of choices, an interval such as
+    "[1, 100000]" (cli.within: a parenthesis excludes its end; NaN and inf are never in one),
+    or a cli.path declaration (what kind of path, checked as the flags are read)."""
     return dataclasses.field(default=default, metadata=dict(help=help, allowed=allowed))
 
 
@@ -96,16 +97,18 @@ RECIPES = {"small": dict(SMALL, patch_size=8, model="micro", epochs=30, batch_si
 class Config:
     # data
     data: str = opt("imagenet", "a named set (imagenet, cifar10, cifar100, shapes, the transfer "
-                    "sets) | PATH with train/ and val/")
+                    "sets) | PATH with train/ and val/", cli.path("folder", names=tuple(PRESETS)))
     preset: str = opt("", "the recipe of PRESETS to start from (default: --data's own; for a PATH "
                       "small if its images are at most 64 px, else imagenet)", tuple(RECIPES))
     data_dir: str = opt("data/imagenet", "root of a named --data (PATH: not used)")
     split: str = opt("official", "transfer sets' training split: official (the paper's code) | "
                      "trainval (the common protocol)", ("official", "trainval"))
-    text: str = opt("", "embeddings file of caption_embed.py; none: the baseline")
+    text: str = opt("", "embeddings file of caption_embed.py; none: the baseline",
+                    cli.path("file", names=("",)))
     # model
     init: str = opt("", "start from trained weights (transfer): a run folder, checkpoint or "
-                    "export/; the ViT's size and patch come from it")
+                    "export/; the ViT's size and patch come from it",
+                    cli.path("file or folder", names=("",)))
     model: str = opt("small", "ViT size (MODEL_SIZES in textteacher.py)", tuple(MODEL_SIZES))
     img_size: int = opt(224, "input resolution in pixels", "[1, 16384]")
     patch_size: int = opt(16, "patch side in pixels", "[1, 1024]")
@@ -134,18 +137,20 @@ class Config:
     augment: str = opt("3aug", "3aug (DeiT III) | crop | none", ("3aug", "crop", "none"))
     # run
     name: str = opt("", "results go to OUT_DIR/NAME (default: data and time)")
-    out_dir: str = opt("runs", "folder of the run folders")
+    out_dir: str = opt("runs", "folder of the run folders", cli.path("new folder"))
     # every random draw is seeded by a mix of the seed and the position in the run, which
     # torch must accept (64 bits): so 0 .. 99999
     seed: int = opt(0, "seed of weights, data order, augmentation, CutMix, label noise",
                     "[0, 100000)")
     workers: int = opt(-1, "data loading processes per GPU (-1: up to 8)", "[-1, 256]")
-    threads: int = opt(0, "CPU threads (0: half the cores)", "[0, 4096]")
+    # more threads than cores crash or hang torch
+    threads: int = opt(0, "CPU threads (0: half the cores)", f"[0, {os.cpu_count() or 1}]")
     device: str = opt("auto", "auto: cuda, mps or cpu", ("auto", "cpu", "cuda", "mps"))
     compile: str = opt("auto", "torch.compile (auto: on CUDA)", ("auto", "on", "off"))
     ckpt_every: int = opt(0, "also checkpoint every K steps (0: at epoch ends)", "[0, 1e12]")
     log_every: int = opt(50, "read the losses back from the device every N steps", "[1, 1e12]")
-    resume: str = opt("", "continue the run of this checkpoint or run folder exactly")
+    resume: str = opt("", "continue the run of this checkpoint or run folder exactly",
+                      cli.path("file or folder", names=("",)))
 
 
 # What a resumed run may change: how it computes; the learning rate and clipping, which rescue
@@ -154,7 +159,6 @@ RESUME_FREE = {"workers", "threads", "device", "compile", "ckpt_every", "log_eve
                "lr", "clip_grad", "text", "data_dir"}
 
 
-Parser = cli.Parser  # argparse, but a wrong flag is one line and exit code 2 like every error
 
 
 def parse_config(argv=None):
@@ -166,12 +170,13 @@ def parse_config(argv=None):
     name = known.preset or (known.data if known.data in PRESETS else
                             imagesets.recipe_of(known.data))
     preset = dict(RECIPES.get(name, {}), preset=name)
-    parser = Parser(description="TextTeacher: a ViT classifier taught by captions.",
+    parser = cli.Parser(description="TextTeacher: a ViT classifier taught by captions.",
                     epilog=f"presets: {', '.join(PRESETS)}; see one's defaults: --data NAME -h")
     for f in dataclasses.fields(Config):
         allowed, default = f.metadata["allowed"], preset.get(f.name, f.default)
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(
-            type=cli.number(f.type, allowed) if isinstance(allowed, str) else f.type,
+            type=cli.number(f.type, allowed) if isinstance(allowed, str) else allowed
+            if callable(allowed) else f.type,
             choices=allowed if isinstance(allowed, tuple) else None)
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} (default: {default})", **kind)
@@ -207,8 +212,6 @@ def check_config(cfg):
     micro, split = divmod(cfg.batch_size, int(os.environ.get("WORLD_SIZE", 1)) * cfg.accum)
     need(not split and (micro > 1 or not cfg.text), f"--batch-size {cfg.batch_size} must split "
          "into batches of 2 or more images over the processes and --accum steps")
-    need(cfg.threads <= (os.cpu_count() or 1), f"--threads {cfg.threads}: this machine has "
-         f"{os.cpu_count()} cores")  # thousands of threads crash or hang torch
     # a step that cannot fit is refused before anything is allocated. What it holds at least:
     # per image and block, four activations of width numbers per token, kept for the backward
     # pass, in bf16 (fp32 and the MLP's 4x width hold more; flash attention keeps no scores).
@@ -459,8 +462,7 @@ class TextTeacher(nn.Module):
 
     def __init__(self, vit, text_dim=0, freeze=False):
         super().__init__()
-        self.vit = vit
-        width = vit.head.in_features  # the width of F
+        self.vit, width = vit, vit.head.in_features  # width: that of F
         self.text_head = nn.Linear(width, text_dim).requires_grad_(not freeze) if text_dim else None
 
     def forward(self, x):

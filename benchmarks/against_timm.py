@@ -28,7 +28,7 @@ import textteacher as tt  # noqa: E402
 
 
 def main(argv=None):
-    p = tt.Parser(description=__doc__.split("\n\n")[0])  # a bad flag: one line
+    p = cli.Parser(description=__doc__.split("\n\n")[0])  # a bad flag: one line
     p.add_argument("--model", default="tiny", choices=list(tt.MODEL_SIZES))
     # the upper ends: what any machine can time (a one-hot target per image and class: 16384
     # images of ImageNet-21k's 21 841 classes are 1.4 GB)

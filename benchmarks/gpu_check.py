@@ -83,7 +83,7 @@ COLUMNS = ("L", "L_cls", "L_txt", "w", "grad norm")  # the record of every step
 def parse(argv):
     """(Config, steps, paths): gpu_check's flags, then textteacher.py's for the rest."""
     # no abbreviations: a flag of the trainer's must not be taken for one of these
-    p = tt.Parser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
+    p = cli.Parser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
     # two steps at least: the loss must fall
     p.add_argument("--steps", type=cli.number(int, "[2, 100000]"), default=20,
                    help="steps of each in-process path")

@@ -113,7 +113,7 @@ def timed(function, inputs):
 
 
 def main(argv=None):
-    p = tt.Parser(description="The input pipeline per CPU core, against DeiT III's.")
+    p = cli.Parser(description="The input pipeline per CPU core, against DeiT III's.")
     pixels = cli.number(int, "[1, 4096]")  # a side in pixels: a 4096 px photo is 50 MB decoded
     p.add_argument("--size", type=pixels, default=224, help="the training resolution S")
     p.add_argument("--width", type=pixels, default=500, help="the JPEGs' width")

@@ -158,7 +158,7 @@ def cross_seed_cka(source_a, source_b, images):
 
 
 def main(argv=None):
-    p = tt.Parser(description="The paper's analysis: FFD over training, cross-seed CKA.")
+    p = cli.Parser(description="The paper's analysis: FFD over training, cross-seed CKA.")
     p.add_argument("measure", choices=("ffd", "cka"))
     p.add_argument("runs", nargs="+", type=cli.path("file or folder"), help="ffd: run folders "
                    "trained with record_stats; cka: two runs, checkpoints or exports")

@@ -405,7 +405,7 @@ def need_seeds(seed, seeds):
 def main(argv=None):
     # one line for a bad value, as the trainer's flags; no abbreviations: the trainer's --seed
     # would be taken for --seeds
-    p = tt.Parser(add_help=False, allow_abbrev=False)
+    p = cli.Parser(add_help=False, allow_abbrev=False)
     # every seed is a whole run of each arm: a thousand is already more than a study needs
     p.add_argument("--seeds", type=cli.number(int, "[1, 1000]"), default=1)
     p.add_argument("--control", choices=("shuffle", "random"), default="")

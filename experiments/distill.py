@@ -343,7 +343,7 @@ def table(runs, arms, seeds):
 @cli.releasing  # the claim on runs/NAME ends with main
 def main(argv=None):
     # no abbreviations: the trainer's --seed would be taken for --seeds
-    p = tt.Parser(add_help=False, allow_abbrev=False,
+    p = cli.Parser(add_help=False, allow_abbrev=False,
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                   description="Distillation arms beside the baseline and TextTeacher (every "
                   "other flag is textteacher.py's, listed below).")

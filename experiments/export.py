@@ -56,7 +56,7 @@ def export_checked(ckpt, out_dir):
 
 @cli.releasing  # the claim on the run folder ends with main
 def main(argv=None):
-    p = tt.Parser(description="Export the ViT of a finished run, with a torch.export program.")
+    p = cli.Parser(description="Export the ViT of a finished run, with a torch.export program.")
     p.add_argument("run", type=cli.path("file or folder"),
                    help="a run folder (runs/NAME) or its checkpoint.pt")
     p.add_argument("--unfinished", action="store_true", help="export the checkpoint of a run "

@@ -350,7 +350,7 @@ def plot(docs, diffs, measures):
 
 @cli.releasing  # the claim on --root ends with main
 def main(argv=None):
-    p = tt.Parser(description="What the text puts into the features.")
+    p = cli.Parser(description="What the text puts into the features.")
     p.add_argument("--root", default="runs/study", type=cli.path("new folder"),
                    help="the study's runs, reused where present")
     p.add_argument("--data", default="data/shapes", type=cli.path("new folder"),

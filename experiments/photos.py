@@ -372,7 +372,7 @@ def plot_photos(docs, results):
 
 @cli.releasing  # the claim on --root ends with main
 def main(argv=None):
-    p = tt.Parser(description="The planned study on real photos (CIFAR-10's JPEG copy).")
+    p = cli.Parser(description="The planned study on real photos (CIFAR-10's JPEG copy).")
     p.add_argument("--data", default="data/cifar10-1k", type=cli.path("folder"),
                    help="an image folder of 32 px photos")
     p.add_argument("--root", default="runs/photos", type=cli.path("new folder"))

@@ -79,7 +79,7 @@ def plot_runs(paths, out):
 
 @cli.releasing  # the claim on --out ends with main
 def main(argv=None):
-    p = tt.Parser(description="Plot validation top-1 and text loss per epoch.")
+    p = cli.Parser(description="Plot validation top-1 and text loss per epoch.")
     p.add_argument("runs", nargs="+", type=cli.path("folder"),
                    help="run folders, or folders holding run folders")
     p.add_argument("--out", default="plot.png", type=cli.path("new file"),

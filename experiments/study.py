@@ -212,7 +212,7 @@ def report(root, docs):
 
 @cli.releasing  # the claim on --root ends with main
 def main(argv=None):
-    p = tt.Parser(description="The planned study of when the text helps.")
+    p = cli.Parser(description="The planned study of when the text helps.")
     p.add_argument("--root", default="runs/study", type=cli.path("new folder"))
     p.add_argument("--data", default="data/shapes", type=cli.path("new folder"),
                    help="the shapes set (drawn there if absent)")

@@ -168,7 +168,7 @@ def summarize(results, out):
 
 def main(argv=None):
     # no abbreviations: a flag of the trainer's must not be taken for one of these
-    p = tt.Parser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
+    p = cli.Parser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
     p.add_argument("root", type=cli.path("folder"),
                    help="a folder of experiments/compare.py (seedS-ARM run folders)")
     p.add_argument("--finetune", action="store_true", help="fine-tune every arm (--init)")

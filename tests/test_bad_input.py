@@ -141,7 +141,8 @@ def test_an_out_dir_under_a_regular_file_is_refused_before_any_data_is_read(
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setattr(tt, "image_split", lambda *a: pytest.fail("data read before the check"))
     line = fails(capsys, base_args(folder, tmp_path / "file" / "runs", "--name", "r"))
-    assert line == f"error: cannot write to {tmp_path / 'file' / 'runs'}: Not a directory"
+    assert line == (f"error: argument --out-dir: cannot make {tmp_path / 'file' / 'runs'}: "
+                    f"{tmp_path / 'file'} is a file (see --help)")
 
 
 def test_an_out_dir_that_cannot_be_written_is_refused_before_any_data_is_read(
@@ -463,14 +464,15 @@ def test_ci_runs_exactly_the_readme_test_command_over_every_test_file():
 # Data folders
 
 def test_a_data_folder_missing_or_without_train(tmp_path, capsys):
-    for name in ("nowhere", "empty"):
-        root = tmp_path / name
-        if name == "empty":
-            os.makedirs(root)
-        line = fails(capsys, tiny_run(str(root), tmp_path, "--name", "r"))
-        assert line == (f"error: {root}/train: [Errno 2] No such file or directory: "
-                        f"'{root}/train'; a data folder holds train/ and val/ with one sub-folder "
-                        "of images per class")
+    line = fails(capsys, tiny_run(str(tmp_path / "nowhere"), tmp_path, "--name", "r"))
+    assert line.startswith(f"error: argument --data: no folder {tmp_path / 'nowhere'}, nor a "
+                           "name (imagenet, cifar10, cifar100, shapes, ")
+    root = tmp_path / "empty"
+    os.makedirs(root)
+    line = fails(capsys, tiny_run(str(root), tmp_path, "--name", "r"))
+    assert line == (f"error: {root}/train: [Errno 2] No such file or directory: "
+                    f"'{root}/train'; a data folder holds train/ and val/ with one sub-folder "
+                    "of images per class")
     line = fails(capsys, ["--data", "imagenet", "--data-dir", str(tmp_path / "nowhere"),
                           "--out-dir", str(tmp_path), "--name", "r"])
     assert line.startswith(f"error: {tmp_path / 'nowhere'}/train: [Errno 2] No such file")
@@ -543,8 +545,7 @@ def test_a_file_that_is_no_embeddings_file(folder, tmp_path, capsys):
     torch.save({"a": 1}, tmp_path / "dict.pt")
     cases = {tmp_path / "junk.pt": "cannot read embeddings file {} (RuntimeError); write it with "
                                    "caption_embed.py",
-             tmp_path / "none.pt": "cannot read embeddings file {} (FileNotFoundError); write it "
-                                   "with caption_embed.py",
+             tmp_path / "none.pt": "argument --text: no file {} (see --help)",
              tmp_path / "dict.pt": "{} is not an embeddings file of caption_embed.py"}
     for path, message in cases.items():
         line = fails(capsys, base_args(folder, tmp_path, "--text", path, "--name", "r"))
@@ -557,8 +558,12 @@ def test_a_file_that_is_no_embeddings_file(folder, tmp_path, capsys):
 
 def test_resume_of_nothing_or_of_another_file(tmp_path, capsys):
     line = fails(capsys, ["--resume", str(tmp_path / "nothing")])
-    assert line == (f"error: {tmp_path / 'nothing'} does not exist: pass a checkpoint file or a "
-                    "run folder")
+    assert line == (f"error: argument --resume: no file or folder {tmp_path / 'nothing'} "
+                    "(see --help)")
+    os.makedirs(tmp_path / "folder")  # a folder without a checkpoint
+    line = fails(capsys, ["--resume", str(tmp_path / "folder")])
+    assert line == (f"error: {tmp_path / 'folder' / 'checkpoint.pt'} does not exist: pass a "
+                    "checkpoint file or a run folder")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     line = fails(capsys, ["--resume", str(tmp_path / "junk.pt")])
     assert line.startswith(f"error: {tmp_path / 'junk.pt'} is truncated or damaged, or no "
