@@ -113,13 +113,13 @@ def test_the_blur_is_torchvisions_within_one_grey_level():
 
 
 def test_pixel_statistics_and_crop_boxes_over_many_draws():
-    """End to end from the decoded photo, over 600 draws: per-pixel mean and std of the
+    """End to end from the decoded photo, over 300 draws: per-pixel mean and std of the
     outputs equal torchvision's pipeline (with PIL's resize) within 0.3 grey levels; and the
     crop's box is uniform over every offset of the padded image (chi-square, p ~ 0.001)."""
     size, image = 24, photo(3, (40, 30))
     fast, reference = imagesets.ThreeAugment(size), torchvision_3augment(size)
     ours, theirs = [], []
-    for seed in range(600):
+    for seed in range(300):  # the same draws for both: only the resize and the blur differ
         torch.manual_seed(seed)
         ours.append(fast(image).float())
         torch.manual_seed(seed)
@@ -130,14 +130,14 @@ def test_pixel_statistics_and_crop_boxes_over_many_draws():
     # a 24 x 32 image whose pixels are their own positions: the centre of the window, always
     # inside the image, names the box (top 0..8, left 0..16 in the padded image: 153 boxes)
     marked, boxes = torch.arange(24 * 32).view(1, 24, 32).expand(3, -1, -1), []
-    for seed in range(3400):
+    for seed in range(2000):
         torch.manual_seed(seed)
         boxes.append(int(fast.crop(marked)[0, 12, 12]))
     counts = np.bincount(boxes, minlength=24 * 32)
     tops, lefts = np.nonzero(counts.reshape(24, 32))
     assert set(tops - 8) == set(range(9)) and set(lefts - 8) == set(range(17))
     counts = counts[counts > 0]
-    expected = 3400 / len(counts)
+    expected = 2000 / len(counts)
     assert len(counts) == 153 and ((counts - expected) ** 2 / expected).sum() < 213  # chi2 0.999
 
 
