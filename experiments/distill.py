@@ -9,7 +9,7 @@ baseline and TextTeacher from the same seed (same initial ViT, data order, augme
     # the arms over 3 seeds, offline (RichKD needs a CLIP, so it is left out here)
     python experiments/distill.py --data shapes --text data/shapes/text.pt \\
         --teacher runs/shapes-teacher --arms kd,scaled-teacher --seeds 3 --name distill-shapes
-    # results: README.md, "Text against distillation"
+    # results: docs/distillation.md
     # with CLIP ViT-L/14, as RichKD runs it (downloads once)
     python experiments/distill.py ... --arms kd,richkd,scaled-teacher \\
         --clip openai/clip-vit-large-patch14

@@ -101,7 +101,9 @@ def test_a_folder_of_small_images_gets_the_small_recipe(tmp_path):
     assert tt.parse_config(["--data", large])[0].preset == "imagenet"
     cfg, _ = tt.parse_config(["--data", small, "--preset", "imagenet", "--lr", "0.5"])
     assert (cfg.preset, cfg.model, cfg.img_size, cfg.lr) == ("imagenet", "small", 224, 0.5)
-    assert tt.parse_config(["--data", str(tmp_path / "missing")])[0].preset == "imagenet"
+    empty = tmp_path / "empty"
+    os.makedirs(empty)
+    assert tt.parse_config(["--data", str(empty)])[0].preset == "imagenet"  # nothing to look at
 
 
 def test_help_shows_the_presets_and_the_defaults_they_set(capsys, tmp_path):
@@ -333,6 +335,8 @@ def test_the_study_pairs_each_arm_with_the_baseline_of_its_seed(tmp_path):
     import dataclasses
     import features
     root, data = str(tmp_path / "runs"), str(tmp_path / "data" / "photos")
+    for made in (data, f"{root}/data-source", f"{root}/data-target"):  # what prepare() makes
+        os.makedirs(made)
     jobs = {folder: rest for folder, *rest in photos.jobs(root, data)}
     settings = {}
     for folder, (cfg, make, stats, source) in jobs.items():
