@@ -165,3 +165,46 @@ def test_a_claim_is_released_by_a_failed_train_and_refuses_another_process(tmp_p
         holder.wait()
     cli_module.lock(str(tmp_path / "x"))  # a killed holder leaves no claim behind
     cli_module.release(str(tmp_path / "x"))
+
+
+# ----------------------------------------------------------------------------
+# No silent wrong result: what used to be accepted and quietly did something else
+
+def test_init_from_an_unfinished_run_is_refused(folder, tmp_path, capsys, monkeypatch):
+    """--init used to start from the partial weights of a run that stopped early, without a
+    word (experiments/export.py refuses the same run): now one line, and nothing is started."""
+    crash_in_epoch(monkeypatch, 2)  # epoch 1 is saved, then the machine dies
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(base_args(folder, tmp_path, *CHEAP, "--name", "r"))
+    monkeypatch.undo()
+    line = fails(capsys, base_args(folder, tmp_path, *CHEAP, "--init", tmp_path / "r",
+                                   "--name", "t"))
+    assert line == (f"error: {tmp_path / 'r'} is an unfinished run: finish it with --resume, or "
+                    "export it as it is (experiments/export.py --unfinished)")
+    assert not os.path.exists(tmp_path / "t")
+
+
+def test_resume_refuses_a_hand_edited_config_json_and_keeps_it(folder, tmp_path, capsys,
+                                                               monkeypatch):
+    """--resume used to overwrite config.json from the checkpoint: an edit (here more epochs)
+    was lost without a word. Now one line says so, and the edited file is left as it is."""
+    crash_in_epoch(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(base_args(folder, tmp_path, *CHEAP, "--name", "r"))
+    monkeypatch.undo()
+    config = tmp_path / "r" / "config.json"
+    edited = config.read_text().replace('"epochs": 2', '"epochs": 5')
+    config.write_text(edited)
+    line = fails(capsys, ["--resume", tmp_path / "r"])
+    assert line == (f"error: {tmp_path / 'r'}/config.json was edited (epochs): a run continues "
+                    "with its checkpoint's settings; put config.json back, and give a change "
+                    "that resuming allows as a flag")
+    assert config.read_text() == edited
+
+
+def test_split_is_refused_for_an_image_folder(folder, tmp_path, capsys):
+    """--split chooses a transfer set's training split; an image folder has one, and the flag
+    used to be accepted and ignored."""
+    line = fails(capsys, base_args(folder, tmp_path, "--split", "trainval", "--name", "r"))
+    assert line.startswith("error: --split chooses the training split of a transfer set (")
+    assert not os.path.exists(tmp_path / "r")
