@@ -117,12 +117,19 @@ def folder(root, cell, seed):
 def attributes(split, data="data/shapes"):
     """The attributes of every image of a split of the shapes set, in draw (key) order: the
     file shapes.py keeps beside the captions, or drawn again (a set from before that file)."""
-    path = shapes.attributes_file(data, split)
-    if os.path.exists(path):
-        with open(path) as f:
-            return [json.loads(line) for line in f]
-    n, seed = shapes.SPLITS[split]
-    return shapes.draw(n, seed)[2]
+    path, (n, seed) = shapes.attributes_file(data, split), shapes.SPLITS[split]
+    if not os.path.exists(path):
+        return shapes.draw(n, seed)[2]
+    try:
+        with open(path, encoding="utf-8") as f:
+            drawn = [json.loads(line) for line in f]
+        if len(drawn) == n and all(isinstance(a, dict) and set(ATTRIBUTES) <= a.keys()
+                                   for a in drawn):
+            return drawn
+    except ValueError:  # not JSON, or not UTF-8
+        pass
+    raise cli.UserError(f"{path} is truncated or damaged: draw the set again "
+                        f"(experiments/shapes.py --out {data} --force)")
 
 
 def prepare(root, data, task_data):

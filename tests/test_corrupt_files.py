@@ -4,6 +4,7 @@ stderr that names the file and says what to do, exit code 2, no traceback, and n
 user's changed. The kinds are listed once (KINDS), each with the command that reads it; the
 three damages are applied to every kind.
 """
+import functools
 import json
 import os
 import shutil
@@ -12,12 +13,14 @@ import sys
 import pytest
 import torch
 
-from common import CHEAP, ROOT, base_args, run, snapshot, write_embeddings
+from common import CHEAP, ROOT, base_args, run, snapshot
 from common import folder  # noqa: F401  (a fixture)
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import caption_embed  # noqa: E402
 import cli  # noqa: E402
+import features  # noqa: E402
+import shapes  # noqa: E402
 import transfer  # noqa: E402
 
 
@@ -80,10 +83,22 @@ KINDS = {
     "caption file (caption_embed.py)": ("captions.txt", lambda f, d: (
         lambda _: caption_embed.main(["--captions", f"{d}/captions.txt", "--out",
                                       f"{d}/new.pt"]))),
+    "caption sidecar (caption_embed.py)": ("captions.txt.json", lambda f, d: (
+        lambda _: caption_embed.main(["--captions", f"{d}/captions.txt", "--out",
+                                      f"{d}/new.pt"]))),
+    "shapes attributes (features.py)": ("shapes/attributes_train.jsonl", lambda f, d: (
+        lambda _: features.attributes("train", f"{d}/shapes"))),
     "class names (caption_embed.py)": ("names.txt", lambda f, d: (
         lambda _: caption_embed.main(["--classes", "--data", f[0], "--class-names",
                                       f"{d}/names.txt", "--out", f"{d}/new.pt"]))),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def attribute_lines():
+    """The lines of the shapes set's training attribute file (drawn once: 3000 images)."""
+    n, seed = shapes.SPLITS["train"]
+    return "".join(json.dumps(a) + "\n" for a in shapes.draw(n, seed)[2])
 
 
 def prepare(trained, case):
@@ -97,6 +112,9 @@ def prepare(trained, case):
     (case / "captions.txt").write_text("".join(f"a_train_{i:03d}.png:\ta small picture number "
                                                f"{i}\n" for i in range(40)))
     (case / "names.txt").write_text("a\tapple\nb\tbanana\nc\tcherry\n")
+    (case / "captions.txt.json").write_text(json.dumps(dict(model="a captioner", num_beams=3)))
+    os.makedirs(case / "shapes")  # the shapes set's attribute file, as experiments/shapes.py
+    (case / "shapes" / "attributes_train.jsonl").write_text(attribute_lines())  # writes it
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
