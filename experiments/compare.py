@@ -150,8 +150,8 @@ def alignment(cfg, text_path, limit=500):
 
 # Config fields that say how a run computes, not what it computes: an arm is the same arm
 # whatever they were. Every other field must equal the one asked for, paths once absolute.
-HOW = {"preset", "out_dir", "name", "resume", "workers", "threads", "device", "compile", "log_every",
-       "ckpt_every"}
+HOW = {"preset", "out_dir", "name", "resume", "workers", "threads", "device", "compile",
+       "log_every", "ckpt_every"}
 PATHS = ("data", "data_dir", "text", "init")
 
 

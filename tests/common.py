@@ -111,7 +111,8 @@ def base_args(folder, out, *more):
     recipe otherwise (LAMB, 3-Augment, CutMix, stochastic depth: --preset imagenet, which a
     folder of such small images would not get by itself)."""
     root, text, _ = folder
-    return ["--data", root, "--preset", "imagenet", "--text", text, "--img-size", "16", "--patch-size", "8",
+    return ["--data", root, "--preset", "imagenet", "--text", text, "--img-size", "16",
+            "--patch-size", "8",
             "--model", "micro", "--batch-size", "32", "--epochs", "2", "--warmup-epochs", "1",
             "--workers", "0", "--log-every", "10", "--threads", "1", "--out-dir", str(out),
             *more]

@@ -271,8 +271,10 @@ CHOICES = "'auto', 'cpu', 'cuda', 'mps'"
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "argument --epochs: must be an integer in [1, 100000], got 0 (see --help)"),
-    (["--epochs", "-1"], "argument --epochs: must be an integer in [1, 100000], got -1 (see --help)"),
+    (["--epochs", "0"], "argument --epochs: must be an integer in [1, 100000], got 0 "
+                        "(see --help)"),
+    (["--epochs", "-1"], "argument --epochs: must be an integer in [1, 100000], got -1 "
+                         "(see --help)"),
     (["--lr", "-1"], "argument --lr: must be a number in (0, inf), got -1 (see --help)"),
     (["--lr", "nan"], "argument --lr: must be a number in (0, inf), got nan (see --help)"),
     (["--patch-size", "0"], "argument --patch-size: must be an integer in [1, 1024], got 0 "
@@ -349,7 +351,8 @@ def decode_error(path):
 
 def tiny_run(root, out, *more):
     return ["--data", root, "--preset", "imagenet", "--img-size", "16", "--patch-size", "8",
-            "--model", "micro", "--batch-size", "4", "--epochs", "1", "--threads", "1", "--out-dir", out, *more]
+            "--model", "micro", "--batch-size", "4", "--epochs", "1", "--threads", "1",
+            "--out-dir", out, *more]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

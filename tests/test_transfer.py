@@ -43,7 +43,8 @@ def source(folder, tmp_path_factory):
 def tune_args(data, out, init, *more):
     """A fine-tuning run from --init: no --model and no --patch-size (they come from the
     source), 16 px, 3 steps of 64 per epoch on the tiny folder."""
-    return ["--data", data, "--preset", "imagenet", "--init", init, "--img-size", "16", "--batch-size", "64",
+    return ["--data", data, "--preset", "imagenet", "--init", init, "--img-size", "16",
+            "--batch-size", "64",
             "--epochs", "1", "--warmup-epochs", "1", "--workers", "0", "--threads", "1",
             "--log-every", "10", "--out-dir", out, *more]
 
