@@ -151,14 +151,14 @@ def cub(data_dir, split):
 
 
 # ----------------------------------------------------------------------------
-# 3-Augment at a third of the cost: torchvision's transforms, their random draws exactly, on
+# 3-Augment at about half the cost: torchvision's transforms, their random draws exactly, on
 # the pixels they would touch (benchmarks/loader.py measures it; tests/test_loader.py checks it)
 
 def resize_short_side(image, size):
     """A PIL image as uint8 [3, H, W], its short side resized to `size` by torch's antialiased
-    bicubic kernel on uint8 (one pass, no float copy): within one grey level of PIL's bicubic
-    resize, which the evaluation keeps (timm's transform of the export is PIL's), at a fifth of
-    its time. The sizes are torchvision's (the long side truncated)."""
+    bicubic kernel on uint8 (one pass, no float copy): within a grey level or two of PIL's
+    bicubic resize, without bias, which the evaluation keeps (timm's transform of the export is
+    PIL's), at about 40% of its time. The sizes are torchvision's (the long side truncated)."""
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # shape = [3, h, w], channels last
     return TF.resize(x, size, TF.InterpolationMode.BICUBIC, antialias=True)
 
@@ -167,7 +167,7 @@ def reflected_window(x, start, size, dim):
     """Positions start .. start + size - 1 along dim of x padded by reflection ("reflect": -1
     reads 1, n reads n - 2), without padding x: a view of the inside, joined to flipped views of
     the few rows (or columns) that fall outside. The padded copy of the whole image that
-    RandomCrop makes costs 20 times more."""
+    RandomCrop makes costs three times more."""
     n = x.shape[dim]
     parts = [x.narrow(dim, max(start, 0), min(start + size, n) - max(start, 0))]
     if start < 0:  # rows -1, -2, ... read rows 1, 2, ...

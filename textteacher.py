@@ -274,8 +274,8 @@ def train_transform(cfg):
     """3-Augment (DeiT III): the short side resized to S (bicubic), a random crop S of the image
     padded by 4 (reflect), flip, one of {grayscale, solarize, blur (kernel 7, sigma 0.2-2)},
     colour jitter 0.3. No RandAugment, mixup or random erasing, as in the paper's recipe.
-    imagesets.ThreeAugment is torchvision's transforms, their draws and their pixels, at a third
-    of the cost: it decides how many images a CPU core feeds a GPU."""
+    imagesets.ThreeAugment is torchvision's transforms, their draws and their pixels, at about
+    half the cost: it decides how many images a CPU core feeds a GPU."""
     return imagesets.ThreeAugment(cfg.img_size, cfg.augment)
 
 

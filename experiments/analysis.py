@@ -93,7 +93,6 @@ def record_stats(cfg, folder):
         stats = class_gaussians(feats, labels, int(labels.max()) + 1)
         os.makedirs(out, exist_ok=True)
         cli.save_atomic(lambda f: torch.save(stats, f), f"{out}/epoch{record['epoch']}.pt")
-        model.train()  # features() left it in eval mode; the epoch's training is over anyway
     return on_epoch
 
 
