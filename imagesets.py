@@ -178,54 +178,110 @@ def reflected_window(x, start, size, dim):
 
 
 def grey(y):
-    """The luma of float RGB [3, H, W] as torchvision computes it: shape = [H, W]."""
-    return y[0].mul(0.2989).add_(y[1], alpha=0.587).add_(y[2], alpha=0.114)
+    """The luma of float RGB [..., 3, H, W] as torchvision computes it: shape = [..., H, W]."""
+    return y[..., 0, :, :].mul(0.2989).add_(y[..., 1, :, :], alpha=0.587).add_(
+        y[..., 2, :, :], alpha=0.114)
 
 
 def gaussian_blur(y, sigma):
-    """torchvision's Gaussian blur (kernel 7, reflect padding) of float [3, H, W], as two 1-D
-    passes of in-place adds (its grouped 2-D convolution is four times slower on a CPU); the
-    float sums differ in order only: within one grey level once rounded."""
-    w = torch.exp(-0.5 * ((torch.arange(7.0) - 3) / sigma) ** 2)
-    w = (w / w.sum()).tolist()
+    """torchvision's Gaussian blur (kernel 7, reflect padding) of float [B, 3, H, W], each image
+    with its own sigma [B], as two 1-D passes of adds (its grouped 2-D convolution is four
+    times slower on a CPU); the float sums differ in order only: within a grey level once
+    rounded."""
+    w = torch.exp(-0.5 * ((torch.arange(7.0, device=y.device) - 3) / sigma[:, None]) ** 2)
+    w = (w / w.sum(1, keepdim=True)).view(-1, 7, 1, 1, 1)  # tap i of image b: w[b, i]
     H, W = y.shape[-2:]
-    p = torch.nn.functional.pad(y[None], (3, 3, 3, 3), mode="reflect")[0]  # [3, H + 6, W + 6]
-    h = p[:, :, 3:3 + W] * w[3]
+    p = torch.nn.functional.pad(y, (3, 3, 3, 3), mode="reflect")  # [B, 3, H + 6, W + 6]
+    h = p[..., 3:3 + W] * w[:, 3]
     for i in range(3):  # the kernel is symmetric: taps i and 6 - i share a weight
-        h.add_(p[:, :, i:i + W] + p[:, :, 6 - i:6 - i + W], alpha=w[i])
-    v = h[:, 3:3 + H] * w[3]
+        h += (p[..., i:i + W] + p[..., 6 - i:6 - i + W]) * w[:, i]
+    v = h[..., 3:3 + H, :] * w[:, 3]
     for i in range(3):
-        v.add_(h[:, i:i + H] + h[:, 6 - i:6 - i + H], alpha=w[i])
-    return v  # shape = [3, H, W]
+        v += (h[..., i:i + H, :] + h[..., 6 - i:6 - i + H, :]) * w[:, i]
+    return v  # shape = [B, 3, H, W]
+
+
+def blend(v, f, towards):
+    """ColorJitter's step of float [n, 3, S, S] by factors f [n]: torchvision's v f + (1 - f)
+    towards, with its one rounding (a fused multiply-add), kept as uint8 values."""
+    f = f.view(-1, 1, 1, 1)
+    return torch.addcmul(v.mul(f), towards, 1 - f).clamp_(0, 255).floor_()  # = trunc, faster
+
+
+def brightness(v, f):  # towards black
+    return blend(v, f, torch.zeros(()))
+
+
+def contrast(v, f):  # towards the mean grey (of uint8 grey values)
+    return blend(v, f, grey(v).floor_().mean((-2, -1), keepdim=True)[:, None])
+
+
+def saturation(v, f):  # towards each pixel's grey
+    return blend(v, f, grey(v).floor_()[:, None])
+
+
+def colour(x, draws):
+    """3-Augment's colour steps of uint8 [B, 3, S, S], each image by its own draws [B, 10]
+    (ThreeAugment.draws): a flip, one of {grayscale, solarize, blur}, and the colour jitter in
+    the drawn order. A batch at once, on the training device, where they cost next to nothing,
+    so that the CPU's workers only decode, resize and crop. torchvision's operations on uint8,
+    pixel for pixel but for the blur's sums (tests/test_loader.py). How many images take each
+    step is read from the draws on the CPU, so nothing here waits for the device."""
+    y = x.float()  # shape = [B, 3, S, S], truncated to uint8 values after every step below
+    table, on = draws.tolist(), draws.to(x.device, non_blocking=True)
+
+    def step(column, value, function, *numbers):
+        """y[b] = function(y[b], numbers[b]) for the images b whose draws[b, column] is value."""
+        k = sum(row[column] == value for row in table)
+        if k == len(table):  # the whole batch (and the one image of a worker)
+            return function(y, *(on[:, n] for n in numbers))
+        if k:  # the k images that take it come first in the (stable) sort
+            i = torch.argsort((on[:, column] == value).int(), descending=True, stable=True)[:k]
+            y[i] = function(y[i], *(on[i, n] for n in numbers))
+        return y
+
+    y = step(0, 1, lambda v: v.flip(-1))
+    y = step(1, 0, lambda v: grey(v).floor_()[:, None].repeat(1, 3, 1, 1))  # grayscale
+    y = step(1, 1, lambda v: torch.minimum(v, 255 - v))  # solarize: 255 - v from 128 on
+    y = step(1, 2, lambda v, sigma: gaussian_blur(v, sigma).round_(), 2)
+    for j in range(4):  # each image's j-th jitter step (3, hue, is off)
+        for op, function in enumerate((brightness, contrast, saturation)):
+            y = step(3 + j, op, function, 7 + op)
+    return y.to(torch.uint8)
 
 
 class ThreeAugment:
-    """DeiT III's 3-Augment of a PIL image as uint8 [3, S, S]: the short side resized to S, a
-    random S crop of the image reflect-padded by 4, a horizontal flip, one of {grayscale,
-    solarize, Gaussian blur (kernel 7, sigma 0.2-2)}, colour jitter 0.3; augment "crop" stops
-    after the crop, "none" takes the centre crop.
+    """DeiT III's 3-Augment of a PIL image: the short side resized to S, a random S crop of the
+    image reflect-padded by 4, a horizontal flip, one of {grayscale, solarize, Gaussian blur
+    (kernel 7, sigma 0.2-2)}, colour jitter 0.3; augment "crop" stops after the crop, "none"
+    takes the centre crop.
 
     It is torchvision's Compose([RandomCrop(S, 4, padding_mode="reflect"), RandomHorizontalFlip(),
     RandomChoice([Grayscale(3), RandomSolarize(128, 1.0), GaussianBlur(7, (0.2, 2))]),
     ColorJitter(0.3, 0.3, 0.3)]) on uint8, drawing the same numbers from torch's RNG in the
     same order, and giving the same pixels, bit for bit, but for the resize and the blur
     (within a grey level or two). Where its time goes instead: the resize is one uint8 pass,
-    the crop reads its window in place (no padded copy of the whole image), and the colour
-    steps run on one float copy, truncated after each step as torchvision's uint8 round trips
-    do."""
+    the crop reads its window in place (no padded copy of the whole image), and the steps after
+    the crop run on one float copy. With on_device (training on a GPU), the DataLoader worker
+    only draws those steps and returns (uint8 [3, S, S], draws [10]): colour() applies them to
+    the batch on the device, the same pixels (on_device() below) at a third of a core's time
+    per image."""
 
-    def __init__(self, size, augment="3aug"):
-        self.size, self.augment = size, augment
+    def __init__(self, size, augment="3aug", on_device=False):
+        self.size, self.augment, self.on_device = size, augment, on_device
 
     def __call__(self, image):
-        return self.augmented(resize_short_side(image, self.size))
+        return self.of_resized(resize_short_side(image, self.size))
 
-    def augmented(self, x):
-        """The augmentation of uint8 [3, H, W] whose short side is S."""
+    def of_resized(self, x):
+        """The augmentation of uint8 [3, H, W] whose short side is S (the worker's share)."""
         if self.augment == "none":
             return TF.center_crop(x, [self.size, self.size])
         x = self.crop(x)
-        return x if self.augment == "crop" else self.colour(x)
+        if self.augment == "crop":
+            return x
+        draws = self.draws()
+        return (x, draws) if self.on_device else colour(x[None], draws[None])[0]
 
     def crop(self, x):
         """RandomCrop(S, padding=4, padding_mode="reflect"): the window of the padded image,
@@ -236,30 +292,26 @@ class ThreeAugment:
         x = reflected_window(reflected_window(x, top - 4, S, 1), left - 4, S, 2)
         return x.contiguous()  # shape = [3, S, S]
 
-    def colour(self, x):
-        """The flip, one of {grayscale, solarize, blur}, and the colour jitter of uint8
-        [3, S, S], on one float copy."""
-        if torch.rand(1) < 0.5:
-            x = x.flip(-1)
-        y = x.float()  # shape = [3, S, S], this function's own: changed in place below
-        kind = int(torch.multinomial(torch.tensor([1 / 3] * 3), 1))
-        if kind == 0:  # grayscale, truncated to uint8 values, on all three channels
-            y = grey(y).floor_().expand_as(y).clone()
-        elif kind == 1:  # solarize: RandomSolarize(p=1) still draws its coin
+    @staticmethod
+    def draws():
+        """The numbers torchvision's flip, choice and jitter draw, in its order: [flip (0 or 1),
+        kind (0 grayscale, 1 solarize, 2 blur), sigma (0 but for the blur), the jitter's order
+        (a permutation of 0-3), its brightness, contrast and saturation factors]."""
+        flip = float(torch.rand(1) < 0.5)
+        kind, sigma = int(torch.multinomial(torch.tensor([1 / 3] * 3), 1)), 0.0
+        if kind == 1:  # RandomSolarize(p=1) still draws its coin
             torch.rand(1)
-            y = torch.where(y >= 128, 255 - y, y)
-        else:
-            y = gaussian_blur(y, torch.empty(1).uniform_(0.2, 2).item()).round_()
+        elif kind == 2:
+            sigma = torch.empty(1).uniform_(0.2, 2).item()
         order = torch.randperm(4).tolist()  # brightness, contrast, saturation, (hue: none)
-        factors = [float(torch.empty(1).uniform_(0.7, 1.3).item()) for _ in range(3)]
-        for op in order:
-            if op == 3:
-                continue
-            f = factors[op]
-            if op == 0:
-                y.mul_(f)
-            else:  # towards the mean grey (contrast) or each pixel's grey (saturation)
-                g = grey(y).floor_()
-                y.mul_(f).add_(g.mean() if op == 1 else g, alpha=1 - f)
-            y.clamp_(0, 255).trunc_()  # the uint8 that torchvision keeps between the steps
-        return y.to(torch.uint8)
+        factors = [torch.empty(1).uniform_(0.7, 1.3).item() for _ in range(3)]
+        return torch.tensor([flip, kind, sigma, *order, *factors])
+
+
+def on_device(batch, device):
+    """A training batch from the DataLoader on the device, uint8 [B, 3, S, S]: a batch from
+    ThreeAugment(on_device=True) is [images, draws], and gets its colour steps there."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    images, draws = batch
+    return colour(images.to(device, non_blocking=True), draws)  # the draws stay on the CPU

@@ -793,7 +793,7 @@ def test_3augment_and_the_evaluation_crop(folder):
     import imagesets
     # imagesets.ThreeAugment is torchvision's pipeline below, draw for draw and (but for the
     # resize and the blur) pixel for pixel: tests/test_loader.py shows it
-    augment = tt.train_transform(tt.Config(img_size=16))
+    augment = tt.augmentation(tt.Config(img_size=16))
     assert isinstance(augment, imagesets.ThreeAugment) and (augment.size, augment.augment) == (
         16, "3aug")
     torchvision_3augment = T.Compose([
@@ -804,7 +804,7 @@ def test_3augment_and_the_evaluation_crop(folder):
     differ = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        ours = augment.augmented(x)
+        ours = augment.of_resized(x)
         torch.manual_seed(seed)
         diff = (ours.int() - torchvision_3augment(x).int()).abs()
         assert diff.max() <= 2  # only where the blur ran: its sums in another order

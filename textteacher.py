@@ -270,13 +270,14 @@ class Samples(Dataset):
             return self.transform(image), self.labels[i], i
 
 
-def train_transform(cfg):
+def augmentation(cfg, device=torch.device("cpu")):
     """3-Augment (DeiT III): the short side resized to S (bicubic), a random crop S of the image
     padded by 4 (reflect), flip, one of {grayscale, solarize, blur (kernel 7, sigma 0.2-2)},
     colour jitter 0.3. No RandAugment, mixup or random erasing, as in the paper's recipe.
-    imagesets.ThreeAugment is torchvision's transforms, their draws and their pixels, at about
-    half the cost: it decides how many images a CPU core feeds a GPU."""
-    return imagesets.ThreeAugment(cfg.img_size, cfg.augment)
+    imagesets.ThreeAugment is torchvision's transforms, their draws and their pixels, at a
+    third of a CPU core's time (the colour steps run on the GPU, batched), which decides how
+    many images a core feeds a GPU."""
+    return imagesets.ThreeAugment(cfg.img_size, cfg.augment, on_device=device.type != "cpu")
 
 
 def normalize(images):
@@ -849,7 +850,7 @@ def train(cfg, given=(), targets=None, on_epoch=None, objective=None):
     # the workers' own RNG seeds do not matter: augmentation is seeded per sample, by the sampler
     loader = dict(num_workers=workers, pin_memory=device.type == "cuda",
                   persistent_workers=workers > 0)
-    train_loader = DataLoader(Samples(train_set, labels, cfg.img_size, train_transform(cfg)),
+    train_loader = DataLoader(Samples(train_set, labels, cfg.img_size, augmentation(cfg, device)),
                               batch_size=micro, sampler=sampler, **loader)
     val_loader = DataLoader(Samples(val_set, targets_of(val_set), cfg.img_size),
                             batch_size=max(micro, 64), sampler=range(rank, n_val, world), **loader)
@@ -910,7 +911,7 @@ def train(cfg, given=(), targets=None, on_epoch=None, objective=None):
                 part = a * world + rank
                 torch.manual_seed(((cfg.seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + part)
                 images, y, index = next(batches)
-                images = normalize(images.to(device, non_blocking=True))
+                images = normalize(imagesets.on_device(images, device))  # 3-Augment's colour
                 images, lam_mix = cutmix(images, cfg.cutmix) if cfg.cutmix > 0 else (images, 1.0)
                 y = mix(F.one_hot(y.to(device, non_blocking=True), len(classes)).float(), lam_mix)
                 t = targets(index, true[index], images, lam_mix) if targets else None

@@ -29,10 +29,11 @@ fp32 on a CPU, so that there they share the graphs of tests/test_cuda_path.py):
             epoch with the preset's recipe: exit 0, finite logged losses, an export
   speed     benchmarks/step.py on the trainer's own setup: the text objective's share of the
             step, training and inference images/s, peak memory
-  input     the training input pipeline (decode and imagesets.ThreeAugment) on photo-like
-            500 x 375 JPEGs, one thread: images/s per data-loading worker, against the step's
-            demand (the speed path's images/s): FAIL when the workers the trainer starts per
-            GPU (up to 8, and the cores / GPUs) cannot keep up
+  input     the training input pipeline (decode and the trainer's imagesets.ThreeAugment) on
+            photo-like 500 x 375 JPEGs, one thread: images/s per data-loading worker, against
+            the step's demand (the speed path's images/s): FAIL when the workers the trainer
+            starts per GPU (up to 8, and the cores / GPUs) cannot keep up; on a GPU, also the
+            time the colour steps take there, per batch and as a share of the step
 Each prints PASS or FAIL with its reason, images/s and peak memory; the exit code is 0 when all
 pass, 1 when one fails, 2 without a CUDA device (and without --device cpu) or for a bad flag.
 The other flags are textteacher.py's model and recipe flags; --batch-size is the batch of one
@@ -388,17 +389,32 @@ def check(cfg, steps, paths):
     def input_pipeline():
         import imagesets
         import loader  # benchmarks/loader.py: its JPEGs and decode
-        data, augment = loader.jpegs(24, 500, 375), imagesets.ThreeAugment(cfg.img_size)
+        # the trainer's own: on a GPU, the workers draw the colour steps, the device runs them
+        data, augment = loader.jpegs(24, 500, 375), tt.augmentation(cfg, device)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # what one DataLoader worker has
         try:
             loader.timed(lambda d: augment(loader.decode(d)), data[:4])  # warm-up
             per_worker = 1000 / loader.timed(lambda d: augment(loader.decode(d)), data)
+            out = [augment(loader.decode(d)) for d in data[:cfg.batch_size]]
         finally:
             torch.set_num_threads(threads)
         gpus = max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
         workers = min(8, (os.cpu_count() or 2) // gpus)  # the trainer's default (--workers -1)
         r = dict(images_per_s=per_worker, why=[])
+        if isinstance(out[0], tuple):  # the colour steps of a batch (of the JPEGs, repeated)
+            out = (out * -(-cfg.batch_size // len(out)))[:cfg.batch_size]
+            images, draws = (torch.stack([o[k] for o in out]) for k in (0, 1))
+            times = []
+            for _ in range(4):  # the first warms up
+                step.synchronize(device)
+                start = time.perf_counter()
+                imagesets.on_device([images, draws], device)
+                step.synchronize(device)
+                times.append(time.perf_counter() - start)
+            r["colour_ms_per_batch"] = 1000 * min(times[1:])
+            print(f"  input: the colour steps of a batch of {cfg.batch_size} take "
+                  f"{r['colour_ms_per_batch']:.2f} ms on {device}", flush=True)
         if "speed" in results and "textteacher_images_per_s" in results["speed"]:
             demand = results["speed"]["textteacher_images_per_s"]
             needed = math.ceil(demand / per_worker)
@@ -407,6 +423,9 @@ def check(cfg, steps, paths):
             if needed > workers:
                 r["why"] = [f"{workers} workers per GPU feed {workers * per_worker:.0f} img/s, "
                             f"the step takes {demand:.0f}: the GPU waits for its input"]
+            if "colour_ms_per_batch" in r:
+                share = r["colour_ms_per_batch"] / 1000 * demand / cfg.batch_size
+                print(f"  input: the colour steps add {share:.1%} to the step", flush=True)
         return r
     path("input", input_pipeline)
     return results

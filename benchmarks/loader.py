@@ -1,7 +1,8 @@
 """
 The input pipeline per CPU core: images per second of decode alone, of DeiT III's 3-Augment
-pipeline, of this project's previous one and of its current one (imagesets.ThreeAugment), taking
-turns in one process on one thread, and each stage's milliseconds per image before and after.
+pipeline, of this project's previous one and of its current one (imagesets.ThreeAugment), as a
+DataLoader worker runs it for training on a GPU and on the CPU, taking turns in one process on
+one thread; and each stage's milliseconds per image before and after.
 
     python benchmarks/loader.py                 # 224 px from 500 x 375 photo-like JPEGs
     python benchmarks/loader.py --size 32 --width 32 --height 32     # CIFAR-sized
@@ -19,9 +20,15 @@ The pipelines, each from the JPEG's bytes to the tensor the model's device recei
              radius 0.1-2), ColorJitter(0.3, 0.3, 0.3), then ToTensor and Normalize.
   before     this project until now: PIL's resize, then torchvision's v2 transforms on uint8
              (3-Augment as textteacher.py had it); normalised on the device.
-  ours       imagesets.ThreeAugment: the same draws and pixels as `before` but for the resize
-             and the blur (tests/test_loader.py); normalised on the device.
-Rates are the median over rounds, and each ratio the median of per-round ratios.
+  ours       imagesets.ThreeAugment(on_device=True), a worker's share when training on a GPU:
+             decode, resize, crop, and the colour steps' random draws; imagesets.colour applies
+             them to the batch on the GPU, normalize() the mean and std. The same draws and
+             pixels as `before` but for the resize and the blur (tests/test_loader.py).
+  ours-cpu   imagesets.ThreeAugment(), a worker's share when training on the CPU: the colour
+             steps too, one image at a time (the same function as on the GPU, the same pixels).
+The colour steps on the device are timed too, batched (64 images) on this CPU: an upper
+bound of what they cost a GPU, which runs them on its own cores. Rates are the median over
+rounds, and each ratio the median of per-round ratios.
 """
 import io
 import os
@@ -90,18 +97,25 @@ def before(size):
 
 
 def stages(size):
-    """Each stage of `before` and of `ours` as a function of the decoded image (timed alone:
-    the later stages start from the earlier stages' output, computed once)."""
+    """Each stage of `before` and of `ours` (in a worker for training on the CPU, and for
+    training on a GPU) as a function of the decoded image (timed alone: the later stages
+    start from the earlier stages' output, computed once)."""
     old_rest = T.Compose([T.RandomHorizontalFlip(), T.RandomChoice([
         T.Grayscale(3), T.RandomSolarize(128, 1.0), T.GaussianBlur(7, (0.2, 2))]),
         T.ColorJitter(0.3, 0.3, 0.3)])
     old_crop = T.RandomCrop(size, padding=4, padding_mode="reflect")
     new = imagesets.ThreeAugment(size)
+
+    def resize(image):
+        return imagesets.resize_short_side(image, size)
+
+    def worker_colour(x):  # the colour steps on one image, in the worker
+        return imagesets.colour(x[None], new.draws()[None])[0]
     return {
         "resize": (lambda im: TF.pil_to_tensor(TF.resize(im, size, T.InterpolationMode.BICUBIC)),
-                   lambda im: imagesets.resize_short_side(im, size)),
-        "crop (pad 4, reflect)": (old_crop, new.crop),
-        "flip, one of 3, jitter": (old_rest, new.colour)}
+                   resize, resize),
+        "crop (pad 4, reflect)": (old_crop, new.crop, new.crop),
+        "flip, one of 3, jitter": (old_rest, worker_colour, lambda x: new.draws())}
 
 
 def timed(function, inputs):
@@ -135,7 +149,9 @@ def main(argv=None):
     images = [decode(d) for d in data]
     S = args.size
     # each pipeline built once, as a DataLoader worker holds it: only the images are timed
-    transforms = {"deit3": deit3(S), "before": before(S), "ours": imagesets.ThreeAugment(S)}
+    transforms = {"deit3": deit3(S), "before": before(S),
+                  "ours": imagesets.ThreeAugment(S, on_device=True),
+                  "ours-cpu": imagesets.ThreeAugment(S)}
     pipelines = {"decode": decode, **{name: lambda d, t=t: t(decode(d))
                                       for name, t in transforms.items()}}
     parts = stages(S)
@@ -143,33 +159,42 @@ def main(argv=None):
     cropped = [parts["crop (pad 4, reflect)"][1](x) for x in resized]
     stage_inputs = {"resize": images, "crop (pad 4, reflect)": resized,
                     "flip, one of 3, jitter": cropped}
-    times = {name: [] for name in pipelines}
-    stage_times = {(k, i): [] for k in parts for i in (0, 1)}
+    # what the device does for "ours": the colour steps of a whole batch at once
+    batch = torch.stack(cropped)
+    draws = torch.stack([imagesets.ThreeAugment.draws() for _ in cropped])
+    times = {name: [] for name in [*pipelines, "device"]}
+    stage_times = {(k, i): [] for k in parts for i in range(3)}
     torch.manual_seed(0)
     random.seed(0)
     for r in range(args.rounds + 1):  # round 0 warms up, and is not counted
-        order = list(pipelines)[r % 4:] + list(pipelines)[:r % 4]  # a slow phase hits all
+        n = len(pipelines)
+        order = list(pipelines)[r % n:] + list(pipelines)[:r % n]  # a slow phase hits all
         for name in order:
             ms = timed(pipelines[name], data)
             if r:
                 times[name].append(ms)
+        start = time.perf_counter()
+        imagesets.colour(batch, draws)
+        if r:
+            times["device"].append(1000 * (time.perf_counter() - start) / len(batch))
         for (k, i), v in stage_times.items():
             ms = timed(parts[k][i], stage_inputs[k])
             if r:
                 v.append(ms)
+    median = {k: statistics.median(v) for k, v in {**times, **stage_times}.items()}
     print(f"{args.images} JPEGs of {args.width} x {args.height} to {S} px, one thread, "
           f"{args.rounds} rounds (torch {torch.__version__})")
     print(f"{'pipeline':>10} {'ms/img':>8} {'img/s/core':>11} {'vs deit3':>9}")
-    for name, ms in times.items():
-        ratio = statistics.median(d / o for d, o in zip(times["deit3"], ms))
-        print(f"{name:>10} {statistics.median(ms):8.2f} {1000 / statistics.median(ms):11.0f} "
-              f"{ratio:8.2f}x")
-    print(f"\n{'stage (ms/img)':>24} {'before':>8} {'ours':>8}")
-    print(f"{'decode':>24} {statistics.median(times['decode']):8.2f} "
-          f"{statistics.median(times['decode']):8.2f}")
+    for name in pipelines:
+        ratio = statistics.median(d / o for d, o in zip(times["deit3"], times[name]))
+        print(f"{name:>10} {median[name]:8.2f} {1000 / median[name]:11.0f} {ratio:8.2f}x")
+    print(f"and for `ours`, the colour steps on the device, a batch of {len(batch)} on this CPU: "
+          f"{median['device']:.2f} ms/img")
+    print(f"\n{'stage (ms/img)':>24} {'before':>8} {'ours-cpu':>9} {'ours':>8}")
+    print(f"{'decode':>24}" + f" {median['decode']:8.2f}" * 2 + f" {median['decode']:8.2f}")
     for k in parts:
-        print(f"{k:>24} {statistics.median(stage_times[(k, 0)]):8.2f} "
-              f"{statistics.median(stage_times[(k, 1)]):8.2f}")
+        print(f"{k:>24} {median[(k, 0)]:8.2f} {median[(k, 1)]:9.2f} {median[(k, 2)]:8.2f}")
+    print(f"{'':>24} {'':>8} {'':>9} (+ {median['device']:.2f} on the device)")
 
 
 if __name__ == "__main__":

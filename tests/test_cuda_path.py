@@ -312,6 +312,30 @@ def test_gpu_check_cpu_paths_pass_and_agree(inductor, capsys):
         assert (r["rows"][-1, 1:3] < r["rows"][0, 1:3]).all()
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_gpu_check_times_the_trainers_input_pipeline(on_device, capsys, monkeypatch):
+    """The input path times the augmentation the trainer builds for the device, one thread as a
+    worker has: on a CPU the whole 3-Augment; with the colour steps deferred (what the trainer
+    does on a GPU, forced here) the worker's share, and the colour steps of a batch on the
+    device, in their own line."""
+    import imagesets
+    built = []
+
+    def augmentation(cfg, device=torch.device("cpu")):
+        built.append((cfg.img_size, cfg.augment, device.type))
+        return imagesets.ThreeAugment(cfg.img_size, cfg.augment, on_device=on_device)
+    monkeypatch.setattr(tt, "augmentation", augmentation)
+    cfg, steps, paths = gpu_check.parse(
+        ["--device", "cpu", "--model", "micro", "--img-size", "16", "--patch-size", "8",
+         "--batch-size", "16", "--threads", "1", "--paths", "input"])
+    results = gpu_check.check(cfg, steps, paths)
+    out = capsys.readouterr().out
+    assert built == [(16, "3aug", "cpu")] and "PASS  input" in out
+    assert results["input"]["images_per_s"] > 0
+    assert ("colour_ms_per_batch" in results["input"]) == on_device
+    assert ("the colour steps of a batch of 16 take" in out) == on_device
+
+
 def test_gpu_check_fails_a_path_that_is_off():
     """The judgement that makes a path FAIL: a w 10% off its reference, a non-finite loss, an
     L_cls that rises, a first update off its CPU twin, logits in the wrong precision. Each is a

@@ -13,6 +13,8 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
+from common import RANDOM, assert_same_weights, base_args, checkpoint, run, untimed
+from common import folder  # noqa: F401  (a fixture)
 import imagesets
 import textteacher as tt
 
@@ -46,6 +48,13 @@ def torchvision_3augment(size):
                       T.ColorJitter(0.3, 0.3, 0.3)])
 
 
+def augmented(fast, resized):
+    """ThreeAugment's whole pipeline from the resized image: the worker's share, then colour()
+    applied to the one image as to a batch on the device."""
+    out = fast.of_resized(resized)
+    return imagesets.colour(out[0][None], out[1][None])[0] if isinstance(out, tuple) else out
+
+
 def pil_resized(image, size):
     return TF.pil_to_tensor(TF.resize(image, size, T.InterpolationMode.BICUBIC))
 
@@ -61,21 +70,24 @@ def test_the_crop_through_reflected_indices_is_the_padded_crop():
             assert torch.equal(got.float(), padded[:, top:top + 6, left:left + 6])
 
 
-@pytest.mark.parametrize("augment", ["3aug", "crop", "none"])
-def test_the_same_draws_and_pixels_as_torchvisions_transforms(augment):
+@pytest.mark.parametrize("augment,on_device", [("3aug", False), ("3aug", True), ("crop", False),
+                                               ("none", False)])
+def test_the_same_draws_and_pixels_as_torchvisions_transforms(augment, on_device):
     """On the same resized image and seed: torchvision's pipeline, bit for bit, except where
-    its blur ran (within 2 grey levels after the jitter, in a few pixels). The RNG is left in
-    the same state too, so whatever draws next (CutMix in the loop) draws the same."""
+    its blur ran (within 2 grey levels after the jitter, in a few pixels), whether the colour
+    steps run in the worker or are drawn there and applied by colour() (on_device). The RNG
+    is left in the same state too, so whatever draws next (CutMix in the loop) draws the
+    same."""
     size = 24
     reference = {"3aug": torchvision_3augment(size),
                  "crop": T.RandomCrop(size, padding=4, padding_mode="reflect"),
                  "none": T.CenterCrop(size)}[augment]
-    fast = imagesets.ThreeAugment(size, augment)
+    fast = imagesets.ThreeAugment(size, augment, on_device)
     exact = blurred = 0
     for seed in range(120):
         resized = pil_resized(photo(seed % 7, (40 + seed % 9, 31 + seed % 5)), size)
         torch.manual_seed(seed)
-        before, ours, after = Recorded.calls, fast.augmented(resized), torch.rand(1)
+        before, ours, after = Recorded.calls, augmented(fast, resized), torch.rand(1)
         torch.manual_seed(seed)
         theirs = reference(resized)
         assert torch.equal(after, torch.rand(1))  # the same number of draws
@@ -108,7 +120,7 @@ def test_the_resize_is_pils_within_rounding():
 def test_the_blur_is_torchvisions_within_one_grey_level():
     x = torch.randint(0, 256, (3, 20, 17), dtype=torch.uint8)
     for sigma in (0.2, 0.7, 1.3, 2.0):
-        ours = imagesets.gaussian_blur(x.float(), sigma).round_().to(torch.uint8)
+        ours = imagesets.gaussian_blur(x[None].float(), torch.tensor([sigma])).round_()[0]
         assert (ours.int() - TF.gaussian_blur(x, [7, 7], [sigma, sigma]).int()).abs().max() <= 1
 
 
@@ -121,7 +133,7 @@ def test_pixel_statistics_and_crop_boxes_over_many_draws():
     ours, theirs = [], []
     for seed in range(300):  # the same draws for both: only the resize and the blur differ
         torch.manual_seed(seed)
-        ours.append(fast(image).float())
+        ours.append(augmented(fast, imagesets.resize_short_side(image, size)).float())
         torch.manual_seed(seed)
         theirs.append(reference(pil_resized(image, size)).float())
     ours, theirs = torch.stack(ours), torch.stack(theirs)
@@ -141,10 +153,48 @@ def test_pixel_statistics_and_crop_boxes_over_many_draws():
     assert len(counts) == 153 and ((counts - expected) ** 2 / expected).sum() < 213  # chi2 0.999
 
 
+def test_a_batch_gets_the_colour_steps_each_image_gets_alone():
+    """colour() of a batch, each image by its own draws, equals colour() of each image alone,
+    bit for bit: what a GPU batch applies is what a worker applies to one image. The batch
+    draws every kind and every jitter step at every position, and batches of one kind take
+    the whole-batch path."""
+    fast = imagesets.ThreeAugment(21)
+    x = torch.randint(0, 256, (60, 3, 21, 21), dtype=torch.uint8)
+    torch.manual_seed(0)
+    draws = torch.stack([fast.draws() for _ in x])
+    kind, order = draws[:, 1], draws[:, 3:7]
+    assert set(kind.tolist()) == {0, 1, 2} and set(draws[:, 0].tolist()) == {0, 1}
+    assert all(set(order[:, j].tolist()) == {0, 1, 2, 3} for j in range(4))
+    alone = torch.stack([imagesets.colour(x[i:i + 1], draws[i:i + 1])[0] for i in range(60)])
+    assert torch.equal(imagesets.colour(x, draws), alone)
+    draws[:, 2] = torch.linspace(0.2, 2, 60)  # each image its own sigma, should it blur
+    for kind in range(3):  # the whole batch takes one kind, then the jitter's mixed steps
+        draws[:, 1] = kind
+        alone = torch.stack([imagesets.colour(x[i:i + 1], draws[i:i + 1])[0] for i in range(60)])
+        assert torch.equal(imagesets.colour(x, draws), alone)
+
+
+def test_the_colour_steps_on_the_device_train_the_same_run(folder, tmp_path, monkeypatch):
+    """A run whose workers only draw the colour steps (as on a GPU: imagesets.on_device applies
+    them to the batch) is the run whose workers apply them: the same metrics and weights. Every
+    random thing is on: 3-Augment, CutMix, stochastic depth."""
+    assert run(base_args(folder, tmp_path, *RANDOM, "--name", "worker")) == 0
+    calls = []
+
+    def deferred(cfg, device=torch.device("cpu")):
+        calls.append(cfg.augment)
+        return imagesets.ThreeAugment(cfg.img_size, cfg.augment, on_device=True)
+    monkeypatch.setattr(tt, "augmentation", deferred)
+    assert run(base_args(folder, tmp_path, *RANDOM, "--name", "device")) == 0
+    assert calls == ["3aug"] and untimed(tmp_path / "worker") == untimed(tmp_path / "device")
+    assert_same_weights(checkpoint(tmp_path / "worker")["model"],
+                        checkpoint(tmp_path / "device")["model"])
+
+
 def test_the_trainer_uses_it_and_evaluates_with_pils_resize(tmp_path):
-    """train_transform is ThreeAugment; the evaluation view is PIL's bicubic resize and the
+    """augmentation is ThreeAugment; the evaluation view is PIL's bicubic resize and the
     centre crop (what timm's transform of the export computes)."""
-    fast = tt.train_transform(tt.Config(img_size=16, augment="crop"))
+    fast = tt.augmentation(tt.Config(img_size=16, augment="crop"))
     assert isinstance(fast, imagesets.ThreeAugment) and (fast.size, fast.augment) == (16, "crop")
     images = [photo(s, (20, 16)) for s in range(3)]
     samples = tt.Samples([(im, 0) for im in images], torch.zeros(3, dtype=torch.long), 12)
