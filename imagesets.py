@@ -151,8 +151,9 @@ def cub(data_dir, split):
 
 
 # ----------------------------------------------------------------------------
-# 3-Augment at about half the cost: torchvision's transforms, their random draws exactly, on
-# the pixels they would touch (benchmarks/loader.py measures it; tests/test_loader.py checks it)
+# 3-Augment at a third of a CPU core's time: torchvision's transforms, their random draws
+# exactly, on the pixels they would touch, the colour steps batched on the GPU
+# (benchmarks/loader.py measures it; tests/test_loader.py checks it)
 
 def resize_short_side(image, size):
     """A PIL image as uint8 [3, H, W], its short side resized to `size` by torch's antialiased
@@ -263,9 +264,9 @@ class ThreeAugment:
     (within a grey level or two). Where its time goes instead: the resize is one uint8 pass,
     the crop reads its window in place (no padded copy of the whole image), and the steps after
     the crop run on one float copy. With on_device (training on a GPU), the DataLoader worker
-    only draws those steps and returns (uint8 [3, S, S], draws [10]): colour() applies them to
-    the batch on the device, the same pixels (on_device() below) at a third of a core's time
-    per image."""
+    only draws those steps and returns (uint8 [3, S, S], draws [10]), and colour() applies them
+    to the whole batch on the device (on_device() below): the same pixels, and the worker's
+    time per image a third of DeiT III's pipeline's (benchmarks/loader.py)."""
 
     def __init__(self, size, augment="3aug", on_device=False):
         self.size, self.augment, self.on_device = size, augment, on_device
@@ -314,4 +315,4 @@ def on_device(batch, device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     images, draws = batch
-    return colour(images.to(device, non_blocking=True), draws)  # the draws stay on the CPU
+    return colour(images.to(device, non_blocking=True), draws)  # colour reads draws on the CPU

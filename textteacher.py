@@ -247,10 +247,12 @@ def image_split(data, data_dir, split, protocol="official"):
 
 
 class Samples(Dataset):
-    """A split's samples as (uint8 image [3, S, S], label, index). A training sample comes with
-    a seed of its own (from EpochSampler) that fixes its augmentation, whichever worker draws
-    it: a resumed run sees exactly the same crops. Evaluation resizes the short side to S with
-    PIL's bicubic filter and takes the centre crop: what timm's transform of the export does."""
+    """A split's samples as (uint8 image [3, S, S], label, index); the image of a training
+    sample on a GPU is (image, its colour steps' draws), which imagesets.on_device applies. A
+    training sample comes with a seed of its own (from EpochSampler) that fixes its
+    augmentation, whichever worker draws it: a resumed run sees exactly the same crops.
+    Evaluation resizes the short side to S with PIL's bicubic filter and takes the centre crop:
+    what timm's transform of the export does."""
 
     def __init__(self, dataset, labels, img_size, transform=None):
         self.dataset, self.labels, self.size, self.transform = dataset, labels, img_size, transform
