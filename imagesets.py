@@ -210,7 +210,7 @@ def blend(v, f, towards):
 
 
 def brightness(v, f):  # towards black
-    return blend(v, f, torch.zeros(()))
+    return blend(v, f, torch.zeros((), device=v.device))
 
 
 def contrast(v, f):  # towards the mean grey (of uint8 grey values)
