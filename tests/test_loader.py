@@ -168,16 +168,17 @@ def test_a_batch_gets_the_colour_steps_each_image_gets_alone():
     alone = torch.stack([imagesets.colour(x[i:i + 1], draws[i:i + 1])[0] for i in range(60)])
     assert torch.equal(imagesets.colour(x, draws), alone)
     draws[:, 2] = torch.linspace(0.2, 2, 60)  # each image its own sigma, should it blur
-    for kind in range(3):  # the whole batch takes one kind, then the jitter's mixed steps
-        draws[:, 1] = kind
+    for k in range(3):  # the whole batch takes one kind, then the jitter's mixed steps
+        draws[:, 1] = k
         alone = torch.stack([imagesets.colour(x[i:i + 1], draws[i:i + 1])[0] for i in range(60)])
         assert torch.equal(imagesets.colour(x, draws), alone)
 
 
 def test_the_colour_steps_on_the_device_train_the_same_run(folder, tmp_path, monkeypatch):
-    """A run whose workers only draw the colour steps (as on a GPU: imagesets.on_device applies
-    them to the batch) is the run whose workers apply them: the same metrics and weights. Every
-    random thing is on: 3-Augment, CutMix, stochastic depth."""
+    """A run whose worker only draws the colour steps (as on a GPU: imagesets.on_device applies
+    them to the batch) is the run whose images get them in the loading process: the same
+    metrics and weights. Every random thing is on: 3-Augment, CutMix, stochastic depth; the
+    draws cross from a worker process, as on a GPU machine."""
     assert run(base_args(folder, tmp_path, *RANDOM, "--name", "worker")) == 0
     calls = []
 
@@ -185,7 +186,7 @@ def test_the_colour_steps_on_the_device_train_the_same_run(folder, tmp_path, mon
         calls.append(cfg.augment)
         return imagesets.ThreeAugment(cfg.img_size, cfg.augment, on_device=True)
     monkeypatch.setattr(tt, "augmentation", deferred)
-    assert run(base_args(folder, tmp_path, *RANDOM, "--name", "device")) == 0
+    assert run(base_args(folder, tmp_path, *RANDOM, "--name", "device", "--workers", "1")) == 0
     assert calls == ["3aug"] and untimed(tmp_path / "worker") == untimed(tmp_path / "device")
     assert_same_weights(checkpoint(tmp_path / "worker")["model"],
                         checkpoint(tmp_path / "device")["model"])
