@@ -18,17 +18,18 @@ The pipelines, each from the JPEG's bytes to the tensor the model's device recei
              PIL transforms Resize(S, bicubic), RandomCrop(S, padding 4, reflect),
              RandomHorizontalFlip, RandomChoice(Grayscale, PIL solarize, PIL Gaussian blur of
              radius 0.1-2), ColorJitter(0.3, 0.3, 0.3), then ToTensor and Normalize.
-  before     this project until now: PIL's resize, then torchvision's v2 transforms on uint8
-             (3-Augment as textteacher.py had it); normalised on the device.
+  before     this project before imagesets.ThreeAugment: PIL's resize, then torchvision's v2
+             transforms on uint8 (3-Augment as textteacher.py had it); normalised on the device.
   ours       imagesets.ThreeAugment(on_device=True), a worker's share when training on a GPU:
              decode, resize, crop, and the colour steps' random draws; imagesets.colour applies
              them to the batch on the GPU, normalize() the mean and std. The same draws and
              pixels as `before` but for the resize and the blur (tests/test_loader.py).
   ours-cpu   imagesets.ThreeAugment(), a worker's share when training on the CPU: the colour
              steps too, one image at a time (the same function as on the GPU, the same pixels).
-The colour steps on the device are timed too, batched (64 images) on this CPU: an upper
-bound of what they cost a GPU, which runs them on its own cores. Rates are the median over
-rounds, and each ratio the median of per-round ratios.
+The colour steps of `ours` are timed too, on all the --images at once on this CPU: not what
+they cost a GPU, which runs them on its own cores (gpu_check.py --paths speed,input times them
+there, against the step). Rates are the median over rounds, and each ratio the median of
+per-round ratios.
 """
 import io
 import os
