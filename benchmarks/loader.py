@@ -14,10 +14,13 @@ disk is not measured.
 
 The pipelines, each from the JPEG's bytes to the tensor the model's device receives:
   decode     PIL's decode to RGB, nothing else: the floor.
-  deit3      DeiT III's own 3-Augment (its augment.py; timm has no builder for it): torchvision's
+  deit3      DeiT III's own 3-Augment (its augment.py, which the paper's code uses): torchvision's
              PIL transforms Resize(S, bicubic), RandomCrop(S, padding 4, reflect),
              RandomHorizontalFlip, RandomChoice(Grayscale, PIL solarize, PIL Gaussian blur of
              radius 0.1-2), ColorJitter(0.3, 0.3, 0.3), then ToTensor and Normalize.
+  timm-3a    where timm is installed, timm's build of it: create_transform(auto_augment="3a",
+             color_jitter=0.3), the same one-of and jitter after timm's RandomResizedCrop (timm
+             has no padded crop: it resizes the crop, not the whole image), ToTensor, Normalize.
   before     this project before imagesets.ThreeAugment: PIL's resize, then torchvision's v2
              transforms on uint8 (3-Augment as textteacher.py had it); normalised on the device.
   ours       imagesets.ThreeAugment(on_device=True), a worker's share when training on a GPU:
@@ -86,6 +89,16 @@ def deit3(size):
         V1.ColorJitter(0.3, 0.3, 0.3), V1.ToTensor(), V1.Normalize(*tt.IMAGENET)])
 
 
+def timm_3a(size):
+    """timm's 3-Augment, or None where timm is not installed."""
+    try:
+        import timm.data
+    except ImportError:
+        return None
+    return timm.data.create_transform(size, is_training=True, auto_augment="3a", color_jitter=0.3,
+                                      interpolation="bicubic", re_prob=0.0)
+
+
 def before(size):
     """The project's previous pipeline: PIL's resize, torchvision's v2 transforms on uint8."""
     three = T.Compose([T.RandomCrop(size, padding=4, padding_mode="reflect"),
@@ -150,11 +163,11 @@ def main(argv=None):
     images = [decode(d) for d in data]
     S = args.size
     # each pipeline built once, as a DataLoader worker holds it: only the images are timed
-    transforms = {"deit3": deit3(S), "before": before(S),
+    transforms = {"deit3": deit3(S), "timm-3a": timm_3a(S), "before": before(S),
                   "ours": imagesets.ThreeAugment(S, on_device=True),
                   "ours-cpu": imagesets.ThreeAugment(S)}
     pipelines = {"decode": decode, **{name: lambda d, t=t: t(decode(d))
-                                      for name, t in transforms.items()}}
+                                      for name, t in transforms.items() if t is not None}}
     parts = stages(S)
     resized = [parts["resize"][0](im) for im in images]
     cropped = [parts["crop (pad 4, reflect)"][1](x) for x in resized]
@@ -185,10 +198,13 @@ def main(argv=None):
     median = {k: statistics.median(v) for k, v in {**times, **stage_times}.items()}
     print(f"{args.images} JPEGs of {args.width} x {args.height} to {S} px, one thread, "
           f"{args.rounds} rounds (torch {torch.__version__})")
-    print(f"{'pipeline':>10} {'ms/img':>8} {'img/s/core':>11} {'vs deit3':>9}")
+    against = [k for k in ("deit3", "timm-3a") if k in pipelines]
+    print(f"{'pipeline':>10} {'ms/img':>8} {'img/s/core':>11}" + "".join(
+        f" {'vs ' + k:>11}" for k in against))
     for name in pipelines:
-        ratio = statistics.median(d / o for d, o in zip(times["deit3"], times[name]))
-        print(f"{name:>10} {median[name]:8.2f} {1000 / median[name]:11.0f} {ratio:8.2f}x")
+        ratios = [statistics.median(d / o for d, o in zip(times[k], times[name])) for k in against]
+        print(f"{name:>10} {median[name]:8.2f} {1000 / median[name]:11.0f}" + "".join(
+            f" {r:10.2f}x" for r in ratios))
     print(f"and for `ours`, the colour steps on the device, a batch of {len(batch)} on this CPU: "
           f"{median['device']:.2f} ms/img")
     print(f"\n{'stage (ms/img)':>24} {'before':>8} {'ours-cpu':>9} {'ours':>8}")

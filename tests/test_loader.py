@@ -5,6 +5,7 @@ solarize, colour jitter), and within one grey level, with equal pixel statistics
 draws, where they are not (torch's resize for PIL's, the blur's float sums).
 """
 import io
+import os
 
 import numpy as np
 import PIL.Image
@@ -13,7 +14,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
-from common import RANDOM, assert_same_weights, base_args, checkpoint, run, untimed
+from common import ROOT, RANDOM, assert_same_weights, base_args, checkpoint, run, untimed
 from common import folder  # noqa: F401  (a fixture)
 import imagesets
 import textteacher as tt
@@ -202,3 +203,30 @@ def test_the_trainer_uses_it_and_evaluates_with_pils_resize(tmp_path):
     for i, image in enumerate(images):
         x, label, index = samples[i]
         assert torch.equal(x, TF.center_crop(pil_resized(image, 12), [12, 12])) and index == i
+
+
+def test_the_benchmark_times_the_trainers_pipelines(monkeypatch, capsys):
+    """`python benchmarks/loader.py`: it times the augmentation the trainer builds on a GPU
+    (on_device) and on the CPU, besides DeiT III's and the previous pipeline, and prints a
+    positive rate and a ratio for each, DeiT III's own ratio 1.00x, and every stage's times."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import loader
+    built = []
+
+    class Spy(imagesets.ThreeAugment):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append((self.size, self.augment, self.on_device))
+    monkeypatch.setattr(imagesets, "ThreeAugment", Spy)
+    loader.main(["--size", "24", "--width", "40", "--height", "30", "--images", "3",
+                 "--rounds", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert (24, "3aug", True) in built and (24, "3aug", False) in built
+    end = next(i for i, line in enumerate(out) if line.startswith("and for `ours`"))
+    rows = {line.split()[0]: line.split()[1:] for line in out[2:end]}
+    names = {"decode", "deit3", "before", "ours", "ours-cpu"} | (
+        {"timm-3a"} if loader.timm_3a(24) is not None else set())
+    assert set(rows) == names and rows["deit3"][2] == "1.00x"
+    assert all(float(v[0]) > 0 and float(v[1]) > 0 for v in rows.values())
+    for stage in ("decode", "resize", "crop (pad 4, reflect)", "flip, one of 3, jitter"):
+        assert any(line.strip().startswith(stage) for line in out), stage
