@@ -797,9 +797,9 @@ def open_run(cfg, given, rank):
     # torn, it holds nothing of the user's to keep)
     shown = cli.json_or(os.path.join(os.path.dirname(path), "config.json"), {})
     edited = sorted(k for k in saved.keys() & shown.keys() if shown[k] != saved[k])
-    need(not edited, f"{os.path.dirname(path)}/config.json was edited ({', '.join(edited)}): a "
-         "run continues with its checkpoint's settings; put config.json back, and give a change "
-         "that resuming allows as a flag")
+    need(not edited, f"{os.path.dirname(path)}/config.json differs from the checkpoint "
+         f"({', '.join(edited)}): a run continues with the checkpoint's settings; put it back (or "
+         "delete it if the run stopped while saving) and give a change resuming allows as a flag")
     changed = {k: (saved[k], getattr(cfg, k)) for k in sorted(set(given) - {"resume"})
                if getattr(cfg, k) != saved[k]}
     clash = [f"{k}={saved[k]!r}" for k in changed if k not in RESUME_FREE]

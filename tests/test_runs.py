@@ -2,6 +2,7 @@
 convention (cli.py). Two trainers with one --name, a first checkpoint cut short, a training
 split that changed under a resume, an embeddings file of another named set, and inputs that
 used to end in a traceback or a crash."""
+import json
 import os
 import shutil
 import signal
@@ -196,10 +197,41 @@ def test_resume_refuses_a_hand_edited_config_json_and_keeps_it(folder, tmp_path,
     edited = config.read_text().replace('"epochs": 2', '"epochs": 5')
     config.write_text(edited)
     line = fails(capsys, ["--resume", tmp_path / "r"])
-    assert line == (f"error: {tmp_path / 'r'}/config.json was edited (epochs): a run continues "
-                    "with its checkpoint's settings; put config.json back, and give a change "
-                    "that resuming allows as a flag")
+    assert line == (f"error: {tmp_path / 'r'}/config.json differs from the checkpoint (epochs): "
+                    "a run continues with the checkpoint's settings; put it back (or delete it if "
+                    "the run stopped while saving) and give a change resuming allows as a flag")
     assert config.read_text() == edited
+
+
+def test_a_stop_between_the_checkpoint_and_config_json_is_named_and_deleting_it_resumes(
+        folder, tmp_path, capsys, monkeypatch):
+    """A run resumed with a new --lr that stops after writing its checkpoint and before its
+    config.json leaves the old lr in config.json. --resume then names the difference and says
+    what to do after such a stop; done (config.json deleted), the run finishes with the new lr,
+    and config.json is written again from the checkpoint."""
+    args = base_args(folder, tmp_path, *CHEAP, "--epochs", "3", "--name", "r")
+    crash_in_epoch(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(args)
+    monkeypatch.undo()
+    run_dir, real = tmp_path / "r", tt.save_atomic
+
+    def cut(write, path):  # the power goes after the checkpoint, before config.json
+        if path.endswith("config.json"):
+            raise RuntimeError("power cut")
+        return real(write, path)
+    monkeypatch.setattr(tt, "save_atomic", cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(["--resume", run_dir, "--lr", "0.002"])
+    monkeypatch.undo()
+    assert checkpoint(run_dir)["config"]["lr"] == 0.002
+    line = fails(capsys, ["--resume", run_dir])
+    assert "config.json differs from the checkpoint (lr, resume)" in line
+    assert "delete it if the run stopped while saving" in line
+    os.remove(run_dir / "config.json")
+    assert run(["--resume", run_dir]) == 0
+    assert [r["epoch"] for r in metrics(run_dir)] == [1, 2, 3]
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.002
 
 
 def test_split_is_refused_for_an_image_folder(folder, tmp_path, capsys):
