@@ -1062,7 +1062,8 @@ def test_ctrl_c_stops_in_one_line_and_resume_from_the_last_checkpoint_is_bit_ide
     one line saying how to continue and exits with 130; the last checkpoint (written atomically,
     here after every step) is whole, and the resumed run ends bit-identical to the
     uninterrupted one."""
-    args = base_args(folder, tmp_path, *RANDOM, "--workers", "2", "--ckpt-every", "1", "--name", "c")
+    args = base_args(folder, tmp_path, *RANDOM, "--workers", "2", "--ckpt-every", "1",
+                     "--name", "c")
     p = start_paused(tmp_path, args, at=6 + 2, start_new_session=True)  # epoch 2, step 2
     try:
         wait_for_pause(p)
@@ -1074,7 +1075,8 @@ def test_ctrl_c_stops_in_one_line_and_resume_from_the_last_checkpoint_is_bit_ide
     assert p.returncode == 130, err
     stopped = checkpoint(tmp_path / "c")
     assert (stopped["epoch"], stopped["step"]) == (1, 1) and len(metrics(tmp_path / "c")) == 1
-    assert one_line(err) == f"interrupted; continue from the last checkpoint: --resume {tmp_path / 'c'}"
+    assert one_line(err) == ("interrupted; continue from the last checkpoint: "
+                             f"--resume {tmp_path / 'c'}")
     assert run(["--resume", tmp_path / "c"]) == 0
     assert_same_weights(checkpoint(tmp_path / "c")["model"], checkpoint(reference)["model"])
     assert untimed(tmp_path / "c") == untimed(reference)
