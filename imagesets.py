@@ -151,7 +151,7 @@ def cub(data_dir, split):
 
 
 # ----------------------------------------------------------------------------
-# 3-Augment at a third of a CPU core's time: torchvision's transforms, their random draws
+# 3-Augment at under half a CPU core's time: torchvision's transforms, their random draws
 # exactly, on the pixels they would touch, the colour steps batched on the GPU
 # (benchmarks/loader.py measures it; tests/test_loader.py checks it)
 
@@ -266,7 +266,7 @@ class ThreeAugment:
     the crop run on one float copy. With on_device (training on a GPU), the DataLoader worker
     only draws those steps and returns (uint8 [3, S, S], draws [10]), and colour() applies them
     to the whole batch on the device (on_device() below): the same pixels, and the worker's
-    time per image a third of DeiT III's pipeline's (benchmarks/loader.py)."""
+    time per image well under half of DeiT III's pipeline's (benchmarks/loader.py)."""
 
     def __init__(self, size, augment="3aug", on_device=False):
         self.size, self.augment, self.on_device = size, augment, on_device

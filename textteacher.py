@@ -276,9 +276,9 @@ def augmentation(cfg, device=torch.device("cpu")):
     """3-Augment (DeiT III): the short side resized to S (bicubic), a random crop S of the image
     padded by 4 (reflect), flip, one of {grayscale, solarize, blur (kernel 7, sigma 0.2-2)},
     colour jitter 0.3. No RandAugment, mixup or random erasing, as in the paper's recipe.
-    imagesets.ThreeAugment is torchvision's transforms, their draws and their pixels, at a
-    third of a CPU core's time (the colour steps run on the GPU, batched), which decides how
-    many images a core feeds a GPU."""
+    imagesets.ThreeAugment is torchvision's transforms, their draws and their pixels, at under
+    half a CPU core's time (the colour steps run on the GPU, batched), which decides how many
+    images a core feeds a GPU."""
     return imagesets.ThreeAugment(cfg.img_size, cfg.augment, on_device=device.type != "cpu")
 
 
