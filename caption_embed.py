@@ -34,7 +34,6 @@ over the rows (population std); encoder; pooling; source_sha256 (of the caption 
 dataset; captioner (the caption file's sidecar JSON as a dict, else None); and, with
 --val-captions, val_keys and val_embeddings float32 [M, D].
 """
-import csv
 import hashlib
 import importlib.util
 import io
@@ -131,42 +130,27 @@ def save_embeddings(path, embeddings, keys, level, mean, std, encoder, pooling, 
 # ----------------------------------------------------------------------------
 # Caption files: the paper's "key:<TAB>caption" lines, CSV or JSONL, and the captioner's sidecar
 
-def caption_rows(text, ext):
-    """(line number, what the line holds) per caption: a dict with "key" and "caption" when
-    it is well formed. A CSV row with more fields than the header gets a None key, one with
-    fewer None values; a malformed paper-format or JSON line gives None."""
-    if ext == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        return [(reader.line_num, row) for row in reader]
-    rows = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a caption may hold \u2028
-        key, sep, caption = line.partition(":\t")  # sep is "" on a line without ":<TAB>"
-        try:
-            row = json.loads(line) if ext == ".jsonl" else sep and {"key": key, "caption": caption}
-        except ValueError:  # not JSON
-            row = None
-        rows += [(n, row)] if line.strip() else []  # blank lines are no captions
-    return rows
-
-
-def read_captions(path):
-    """(keys, captions, sha256 of the file's bytes), the format by extension: .txt/.tsv the
-    paper's lines "key:<TAB>caption", .csv a header naming key and caption columns, .jsonl one
-    {"key": ..., "caption": ...} object per line."""
+def read_captions(path, columns=None):
+    """(keys, captions, sha256 of the file's bytes). A .txt or .tsv without columns holds the
+    paper's lines "key:<TAB>caption"; otherwise the file is a table (cli.read_table: .csv,
+    .tsv or .jsonl) and columns names its key and caption columns (default key, caption)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".txt", ".tsv", ".csv", ".jsonl"):
         raise UserError(f"{path}: a caption file is .txt/.tsv (key:<TAB>caption), .csv or .jsonl")
-    try:  # the byte-order mark that some editors write is not part of the first key
-        with open(path, "rb") as f:
-            raw = f.read()
-        rows = caption_rows(raw.decode("utf-8").removeprefix("\ufeff"), ext)
-    except (OSError, ValueError, csv.Error) as e:  # ValueError: not UTF-8 (it names the byte)
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', 0) or e}") from None
+    text, raw = cli.read_text(path)  # UTF-8 with or without BOM, any line ending
+    if columns or ext in (".csv", ".jsonl"):
+        columns = columns or ("key", "caption")
+        rows = [(n, row[columns[0]], row[columns[1]])
+                for n, row in cli.read_table(path, columns, text)]
+    else:
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a caption may hold \u2028
+            key, sep, caption = line.partition(":\t")  # sep is "" on a line without ":<TAB>"
+            need(sep or not line.strip(), f"{path}, line {n}: expected a key and a caption "
+                 "(key:<TAB>caption)")
+            rows += [(n, key, caption)] if line.strip() else []  # blank lines are no captions
     line_of, captions = {}, []
-    for n, row in rows:
-        key, caption = (row.get("key"), row.get("caption")) if isinstance(row, dict) else (0, 0)
-        if not (isinstance(key, str) and isinstance(caption, str)) or None in row:
-            raise UserError(f"{path}, line {n}: expected a key and a caption (key:<TAB>caption)")
+    for n, key, caption in rows:
         key, caption = key.strip(), caption.strip()
         if not key or not caption:
             raise UserError(f"{path}, line {n}: empty {'caption' if key else 'key'}")
@@ -322,8 +306,8 @@ def class_prompts(data, data_dir, names_file):
         named = data in ("cifar10", "cifar100")
         keys = (getattr(torchvision.datasets, data.upper())(data_dir, download=True).classes
                 if named else torchvision.datasets.folder.find_classes(root)[0])
-        with open(names_file or os.devnull, encoding="utf-8") as f:
-            table = dict(line.strip().split(None, 1) for line in f if line.strip())
+        lines = cli.read_text(names_file)[0].split("\n") if names_file else []  # any encoding
+        table = dict(line.strip().split(None, 1) for line in lines if line.strip())
     except (RuntimeError, OSError, ValueError) as e:  # ValueError: a line without a name
         raise UserError(f"cannot read the classes of {data}" + (f" or {names_file}" if names_file
                         else "") + f" ({e}); --data needs train/<class>/ folders, --class-names "
@@ -390,16 +374,20 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, type=cli.path("new file"),
                    help="the embeddings file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--captions", type=cli.path("file"),
                         help="per-image captions: .txt/.tsv, .csv or .jsonl")
-    source.add_argument("--data", type=cli.path("folder", names=tuple(DATA_DIRS)),
-                        help="with --classes: cifar10, cifar100, imagenet, shapes, PATH")
+    source.add_argument("--classes", action="store_true", help="one prompt-ensembled row per "
+                        "class of --data")
     source.add_argument("--import-zip", type=cli.path("file"),
                         help="the paper's all_encodings.zip, nothing re-encoded")
+    p.add_argument("--data", type=cli.path("folder", names=tuple(DATA_DIRS)),
+                   help="--classes: cifar10, cifar100, imagenet, shapes, PATH; --captions: the "
+                   "image folder whose paths key the table (its val/ rows: validation captions)")
+    p.add_argument("--columns", type=cli.names(2, "KEY,CAPTION"), help="KEY,CAPTION: the table's columns of the "
+                   "image (its path below --data) and of its caption (default key,caption)")
     p.add_argument("--val-captions", type=cli.path("file"),
                    help="validation captions, stored as val_keys/val_embeddings")
-    p.add_argument("--classes", action="store_true", help="one prompt-ensembled row per class")
     p.add_argument("--data-dir", type=cli.path("new folder"),  # CIFAR is downloaded into it
                    help="the CIFAR-100 or ImageNet root (default: textteacher.py's)")
     p.add_argument("--class-names", type=cli.path("file"),
@@ -415,11 +403,15 @@ def parse_args(argv=None):
     p.add_argument("--dataset", type=str,
                    help="set name; another named --data refuses it (default: --data)")
     args = p.parse_args(argv)
-    if bool(args.data) != args.classes:  # `--data shapes` once meant built-in captions
-        p.error("class-level text is --classes --data NAME; per-image captions come with "
+    if args.classes != bool(args.data and not args.captions) or not (
+            args.captions or args.classes or args.import_zip):  # `--data shapes` alone once
+        p.error("class-level text is --classes --data NAME; per-image captions come with "  # meant
                 "--captions (written by caption_images.py; for shapes by experiments/shapes.py)")
-    if args.val_captions and not args.captions or args.class_names and not args.data:
-        p.error("--val-captions goes with --captions, --class-names with --classes")
+    if (args.val_captions and (not args.captions or args.data) or args.class_names and not
+            args.classes or args.columns and not args.captions):
+        p.error("--val-captions goes with --captions (with --data, the table's val/ rows are "
+                "the validation captions), --class-names with --classes, --columns with "
+                "--captions")
     return args
 
 
@@ -442,11 +434,15 @@ def main(argv=None):
         encoder, pooling = args.encoder or "", ""
     else:
         # Every text is read before the model loads, so that bad input fails at once.
-        keys, texts, sha = (read_captions(args.captions) if args.captions
+        keys, texts, sha = (read_captions(args.captions, args.columns) if args.captions
                             else class_prompts(args.data, args.data_dir, args.class_names))
         if args.captions:  # a caption per image
             captioner = read_sidecar(args.captions, sha)
             vkeys, vtexts, _ = read_captions(args.val_captions) if args.val_captions else [0] * 3
+        if args.captions and args.data:  # a table keyed by paths below the folder
+            import imagesets  # only here: the other modes need no image folder
+            (keys, texts), (vkeys, vtexts) = imagesets.match_table(args.data, keys, texts,
+                                                                   args.captions).values()
         encoder = args.encoder or DEFAULT_ENCODER
         model = TextEncoder(encoder, args.device)
         emb = model.encode(texts, args.batch_size)

@@ -2,9 +2,11 @@
 How every script of this project meets its user: one line for every failure the user can fix,
 a stated exit code, files that are whole or absent, and one process at a time per output.
 
-    2    a mistake in the input (a flag, a path, a file), or a disk or permission problem
-    1    the training diverged (textteacher.py)
-    130  Ctrl-C: the line says how to continue
+    2        a mistake in the input (a flag, a path, a file), or a disk or permission problem
+    1        the training diverged (textteacher.py)
+    128 + N  signal N: Ctrl-C (SIGINT, 130), SIGTERM (143: what kill, systemd, SLURM and
+             Kubernetes send before SIGKILL), SIGHUP (129: the terminal closed); all end alike,
+             in one line that says how to continue
 
 textteacher.py, caption_embed.py, caption_images.py and the tools in experiments/ and
 benchmarks/ all end through run(); caption_embed.py imports this file and not textteacher.py.
@@ -26,22 +28,48 @@ except ImportError:
     fcntl = None
 
 
+# The signals that end a job, each as Ctrl-C does: SIGINT, SIGTERM, and SIGHUP where the
+# system has it (not on Windows).
+SIGNALS = (signal.SIGINT, signal.SIGTERM,
+           *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+
+
 def _interrupted_while_starting(signum, frame):
     # os._exit, not sys.exit: an exception raised inside torch's C++ import code aborts the
     # process with a core dump; and while importing, nothing is open that needs closing
-    print("interrupted while starting; nothing was done: run the command again", file=sys.stderr,
-          flush=True)
-    os._exit(130)
+    print(f"{interrupted_by(signum)} while starting; nothing was done: run the command again",
+          file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
-# Ctrl-C while a script of the project imports torch and the rest (seconds) is one line, not a
-# traceback through the import machinery: each script imports this file first, and run()
-# hands Ctrl-C back to Python's KeyboardInterrupt when its work begins. Only for a script of
-# the project run as a command: a test runner importing these files keeps its own handler.
+# A signal while a script of the project imports torch and the rest (seconds) is one line, not
+# a traceback through the import machinery: each script imports this file first, and run()
+# turns the signals into a KeyboardInterrupt when its work begins. Only for a script of the
+# project run as a command: a test runner importing these files keeps its own handlers.
 if os.path.abspath(sys.argv[0] if sys.argv else "").startswith(
         os.path.dirname(os.path.abspath(__file__)) + os.sep):
     with contextlib.suppress(ValueError):  # not the main thread: Python keeps its handler
-        signal.signal(signal.SIGINT, _interrupted_while_starting)
+        for _s in SIGNALS:
+            signal.signal(_s, _interrupted_while_starting)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP inside run(): a KeyboardInterrupt, so that whatever cleans up after
+    Ctrl-C (the trainer's atomic saves, a study's workers) cleans up after them too."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def interrupted_by(signum):
+    """"interrupted" for Ctrl-C, "interrupted by SIGTERM" for the others."""
+    return "interrupted" + ("" if signum == signal.SIGINT else
+                            f" by {signal.Signals(signum).name}")
 
 
 class UserError(Exception):
@@ -168,6 +196,18 @@ def some_of(options):
     return convert
 
 
+def names(count, form):
+    """An argparse type: count comma-separated names (form shows them, "KEY,CAPTION"), as a
+    tuple; another count, or an empty name, is argparse's one line naming the flag."""
+    def convert(text):
+        chosen = tuple(x.strip() for x in text.split(","))
+        if len(chosen) != count or not all(chosen):
+            raise argparse.ArgumentTypeError(f"must be {count} names, {form}; got {text!r}")
+        return chosen
+    convert.form = form  # the declaration, which tests read back
+    return convert
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, like every other input error
         raise UserError(f"{message} (see --help)")
@@ -182,6 +222,64 @@ def memory(device="auto"):
     if hasattr(os, "sysconf"):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return math.inf
+
+
+# ----------------------------------------------------------------------------
+# Text as editors write it: every text file the project reads goes through read_text
+
+# UTF-16 with its byte-order mark (what Windows' Notepad calls "Unicode") besides UTF-8
+BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def read_text(path):
+    """(text, raw bytes) of a text file: UTF-8 with or without a byte-order mark, or UTF-16 with
+    one; every line ending (Windows' CR LF, the old Mac's CR, Unix's LF) made LF. Any other
+    encoding is one line naming the file and the first byte that is not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    codec = next((c for bom, c in BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} in position "
+                        f"{e.start}): save it as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n"), raw
+
+
+def read_table(path, columns, text=None):
+    """[(line number, {column: value})] of a table with a header line, by its extension: .csv
+    (commas), .tsv (tabs), .jsonl (one JSON object per line; columns are its fields). A row
+    that lacks one of the columns, or has more fields than the header, is one line naming
+    it; blank lines are no rows. text: the file's, if it was read already."""
+    import csv
+    import io
+    ext = os.path.splitext(path)[1].lower()
+    text = read_text(path)[0] if text is None else text
+    if ext == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: a caption may hold \u2028
+            try:
+                rows += [(n, json.loads(line))] if line.strip() else []
+            except ValueError:
+                raise UserError(f"{path}, line {n}: not a JSON object") from None
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv"
+                                else ",")
+        try:
+            rows = [(reader.line_num, row) for row in reader]
+        except csv.Error as e:
+            raise UserError(f"{path}, line {reader.line_num}: {e}") from None
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        need(not missing, f"{path} has no column {', '.join(missing)} (its header: "
+             f"{', '.join(reader.fieldnames or [])}): name the columns with --columns")
+    for n, row in rows:
+        need(isinstance(row, dict) and None not in row and all(isinstance(row.get(c), str)
+                                                               for c in columns),
+             f"{path}, line {n}: expected the columns {', '.join(columns)}")
+    return rows
 
 
 def json_or(path, default):
@@ -305,11 +403,14 @@ def releasing(function):
 
 def run(main, argv=None, interrupted="run the same command again to continue"):
     """Call main(argv) the way every script of the project ends: a UserError or an OSError in
-    one line on stderr with its exit code, Ctrl-C in one line (exit 130) saying how to go on;
-    anything else is a bug and keeps its traceback. `interrupted` may be a function of nothing
-    that returns the line's advice when it depends on what main got to (a run's name)."""
-    with contextlib.suppress(ValueError):  # from here on Ctrl-C is a KeyboardInterrupt
+    one line on stderr with its exit code, a signal (Ctrl-C, SIGTERM, SIGHUP) in one line
+    (exit 128 + N) saying how to go on; anything else is a bug and keeps its traceback.
+    `interrupted` may be a function of nothing that returns the line's advice when it depends
+    on what main got to (a run's name)."""
+    with contextlib.suppress(ValueError):  # from here on each is a KeyboardInterrupt
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in SIGNALS[1:]:
+            signal.signal(s, _stop)
     try:
         return main(argv)
     except UserError as e:
@@ -322,7 +423,8 @@ def run(main, argv=None, interrupted="run the same command again to continue"):
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
         advice = interrupted() if callable(interrupted) else interrupted
-        print(f"interrupted; {advice}", file=sys.stderr)
-        sys.exit(130)
+        print(f"{interrupted_by(signum)}; {advice}", file=sys.stderr)
+        sys.exit(128 + signum)

@@ -28,6 +28,8 @@ examples; here that recipe at batch 256 and lr 3e-4, 300 epochs (Food-101, 75 75
 """
 import contextlib
 import os
+import posixpath
+import sys
 
 import numpy as np
 import PIL.Image
@@ -131,6 +133,36 @@ def image_folder(root):
                         "of images per class") from None
     need(len(ds.classes) > 1, f"{root} holds one class folder: a classifier needs two or more")
     return ds, file_keys(ds, root), ds.classes
+
+
+def match_table(data, keys, captions, path):
+    """{split: (keys, captions)} of a table whose keys are the images' paths below the image
+    folder data (train/cat/0500.jpg, as published tables list them), matched to the keys the
+    trainer gives those images (file_keys), whatever the folder's layout: rows under
+    val/ are the validation captions. Training images without a caption are refused (the
+    trainer needs one for each); validation images without one, and captions of no image, are
+    counted and named in one line, and left out."""
+    row_of = {posixpath.normpath(k.replace("\\", "/")): i for i, k in enumerate(keys)}
+    out, unused, lost = {"train": None, "val": ([], [])}, set(row_of), {}
+    for split in ("train", "val"):
+        if split == "val" and not os.path.isdir(os.path.join(data, split)):
+            continue
+        dataset, split_keys, _ = image_folder(os.path.join(data, split))
+        paths = [os.path.relpath(p, data).replace(os.sep, "/") for p, _ in dataset.samples]
+        unused -= set(paths)
+        lost[split] = [p for p in paths if p not in row_of]
+        have = [(k, row_of[p]) for k, p in zip(split_keys, paths) if p in row_of]
+        out[split] = [k for k, _ in have], [captions[i] for _, i in have]
+    say = [f"{len(v)} {s} images of {data} have no caption (e.g. {', '.join(v[:2])})"
+           for s, v in lost.items() if v]
+    if unused:
+        say.append(f"{len(unused)} captions name no image of it (e.g. "
+                   f"{', '.join(sorted(unused)[:2])}): left out")
+    need(not lost["train"], f"{path}: " + "; ".join(say) + ": the trainer needs a caption per "
+         "training image, keyed by its path below --data (e.g. train/CLASS/FILE)")
+    if say:
+        print(f"note: {path}: " + "; ".join(say), file=sys.stderr)
+    return out
 
 
 def cub(data_dir, split):

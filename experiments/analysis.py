@@ -22,13 +22,29 @@ Gaussians beside the run folder (RUN.ffd/epochE.pt: not inside, a run folder is 
 and `ffd_curve` reads them back as the distance of every epoch to the last.
 
 CKA. The official cka.py compares two models with the torch_cka package over every module whose
-name ends in `attn` or `mlp`, on validation images in one fixed order; torch_cka accumulates an
-unbiased minibatch estimate of HSIC. We compute linear CKA (Kornblith et al., 2019) exactly, on
-the whole feature matrices (each image's output tokens flattened: [n, tokens * width]):
+name ends in `attn` or `mlp`, on validation images in one fixed shuffled order, in minibatches of
+16 (its default), each image's output tokens flattened ([n, tokens * width]). torch_cka sums,
+over the minibatches, the unbiased estimate of HSIC (Song et al., 2012) of the linear kernels
+K = X X^T and L = Y Y^T, each with its diagonal set to 0:
 
-    CKA(X, Y) = ||Y^T X||_F^2 / ( ||X^T X||_F ||Y^T Y||_F ),   X, Y centred over the n images,
+    HSIC_1(K, L) = ( tr(K L) + 1'K1 1'L1 / ((m-1)(m-2)) - 2/(m-2) 1'K L1 ) / (m (m-3)),
 
-which the minibatch estimate approaches for large n.
+and reads CKA = sum HSIC_1(K, L) / sqrt( sum HSIC_1(K, K) sum HSIC_1(L, L) ) (Nguyen et al.,
+2021). `minibatch_cka` is that estimator, the default here. The textbook form (Kornblith et al.,
+2019), `linear_cka`, on the whole centred matrices,
+
+    CKA(X, Y) = ||Y^T X||_F^2 / ( ||X^T X||_F ||Y^T Y||_F ),
+
+is biased upwards when the width is not far below n: two independent Gaussian matrices of
+1000 x 2176 (the photo runs' 17 tokens x 128) read 0.69 there, and about 0 by the unbiased
+estimate. Neither is 0 for two unrelated *trained* models (their features share the input's
+structure), so every table beside it shows a floor: a trained model against an untrained one
+of the same size, and against a model of another arm.
+
+Where FFD here differs from the official code: its per-class statistics are taken with the
+model in training mode (stochastic depth on; the official evaluate.py never calls eval()) and
+each class's buffer holds one all-zero row that is never filled; here the model is in eval
+mode and the statistics are those of the class's images alone.
 """
 import os
 import sys
@@ -120,6 +136,30 @@ def linear_cka(x, y):
     return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
+def hsic1(k, l):
+    """The unbiased HSIC estimate of Song et al. (2012) of two [m, m] kernel matrices (their
+    diagonals are set to 0 here, as torch_cka does), in float64."""
+    m = len(k)
+    k, l = (v.double() - torch.diag_embed(torch.diagonal(v.double())) for v in (k, l))
+    kl = k @ l
+    return float((torch.trace(kl) + k.sum() * l.sum() / ((m - 1) * (m - 2))
+                  - 2 / (m - 2) * kl.sum()) / (m * (m - 3)))
+
+
+def minibatch_cka(x, y, batch=16):
+    """Linear CKA of [n, p] and [n, q] features as the official code estimates it (torch_cka):
+    the unbiased HSIC of each minibatch of `batch` consecutive rows, summed; a last minibatch
+    of fewer than 4 rows is left out (the estimator needs 4)."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for s in range(0, len(x) - 3, batch):
+        xs, ys = x[s:s + batch].double(), y[s:s + batch].double()
+        if len(xs) < 4:
+            break
+        k, l = xs @ xs.T, ys @ ys.T  # shape = [m, m] each
+        sums += torch.tensor([hsic1(k, l), hsic1(k, k), hsic1(l, l)], dtype=torch.float64)
+    return float(sums[0] / (sums[1].sqrt() * sums[2].sqrt()))
+
+
 @torch.no_grad()
 def block_outputs(vit, images, batch=250):
     """{module name: [n, tokens * width]} of every module whose name ends in "attn" or "mlp"
@@ -148,12 +188,90 @@ def validation_images(data, data_dir, img_size, n, seed=0):
     return torch.stack([samples[int(i)][0] for i in order])
 
 
-def cross_seed_cka(source_a, source_b, images):
-    """{module name: linear CKA} of two trained models (runs, checkpoints or exports) on the
-    same images: the attention and MLP outputs of every block."""
-    a, b = (block_outputs(transfer.frozen_vit(s, images.shape[-1]), images)
-            for s in (source_a, source_b))
-    return {name: linear_cka(a[name], b[name]) for name in a}
+def untrained_like(source, img_size):
+    """A ViT of the same size as source, as train() initialises it (seed 0), never trained:
+    the floor of CKA."""
+    args = tt.read_source(source)[0]
+    torch.manual_seed(0)
+    return tt.ViT(**dict(args, img_size=img_size)).eval()
+
+
+def cross_seed_cka(source_a, source_b, images, estimator="unbiased"):
+    """{module name: linear CKA} of two models (runs, checkpoints or exports; source_b None:
+    an untrained model of source_a's size) on the same images, the attention and MLP outputs
+    of every block; estimator "unbiased" (the official code's, minibatches of 16) or "biased"
+    (the textbook formula on all the images at once). Models of different depth or width are
+    one line: CKA compares the same modules."""
+    size = images.shape[-1]
+    vits = [transfer.frozen_vit(s, size) if s else untrained_like(source_a, size)
+            for s in (source_a, source_b)]
+    a, b = (block_outputs(v, images) for v in vits)
+    need(a.keys() == b.keys(), f"{source_a} and {source_b} have different blocks ({len(a) // 2} "
+         f"and {len(b) // 2}): CKA compares models of one depth")
+    cka = minibatch_cka if estimator == "unbiased" else linear_cka
+    return {name: cka(a[name], b[name]) for name in a}
+
+
+# ----------------------------------------------------------------------------
+# The tables and the plot of a study's analysis
+
+def ends(cka):
+    """(mean CKA of the first two blocks, of the last two) of {module: CKA}, attn and mlp of
+    each block in order."""
+    values = list(cka.values())
+    return float(np.mean(values[:4])), float(np.mean(values[-4:]))
+
+
+def cka_tables(arms, floors, epochs, command):
+    """Markdown: the FFD of each arm at epoch 1, a third of the way and the last but one; and
+    cross-seed CKA of the first and last two blocks by both estimators, each beside its
+    floors. arms: {arm: dict(ffd, ffd_std, cka={estimator: {module: CKA}}, cka_std=...)};
+    floors: {name: {estimator: {module: CKA}}}."""
+    third = epochs // 3
+    lines = [f"| arm | FFD epoch 1 | FFD epoch {third} | FFD epoch {epochs - 1} |",
+             "|---|---|---|---|"]
+    for arm, m in arms.items():
+        f, sd = m["ffd"], m["ffd_std"]
+        lines.append(f"| {arm} | {f[0]:.1f} ± {sd[0]:.1f} | {f[third - 1]:.1f} ± {sd[third - 1]:.1f}"
+                     f" | {f[-2]:.2f} ± {sd[-2]:.2f} |")
+    lines += ["", "| CKA | unbiased, first 2 blocks | unbiased, last 2 blocks | biased, first 2 "
+              "blocks | biased, last 2 blocks |", "|---|---|---|---|---|"]
+    for arm, m in arms.items():
+        cells = [f"{v:.3f} ± {sd:.3f}" for e in ("unbiased", "biased")
+                 for v, sd in zip(ends(m["cka"][e]), ends(m["cka_std"][e]))]
+        lines.append(f"| cross-seed, {arm} | " + " | ".join(cells) + " |")
+    for name, f in floors.items():
+        lines.append(f"| floor: {name} | " + " | ".join(
+            f"{v:.3f}" for e in ("unbiased", "biased") for v in ends(f[e])) + " |")
+    return ("FFD: the Fréchet distance of per-class Gaussians of the post-norm CLS features of "
+            "the validation images, each epoch's model to the final one, mean over classes "
+            "(our reading of the paper's measure), mean ± std over the seeds. CKA: cross-seed, "
+            "over the seed pairs (0,1), (0,2), (1,2), per attention and MLP module on 1000 "
+            "validation images in one fixed shuffled order; unbiased: the official code's "
+            "estimator (torch_cka, minibatches of 16), biased: the textbook formula on all 1000 "
+            "at once. The floors: the same modules of models that share nothing learned. "
+            f"Written by `{command}`.\n\n" + "\n".join(lines) + "\n")
+
+
+def plot(path, arms, title):
+    """FFD curves and the per-module cross-seed CKA (both estimators) of each arm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for arm, m in arms.items():
+        axes[0].errorbar(range(1, len(m["ffd"]) + 1), m["ffd"], m["ffd_std"], marker="o", ms=3,
+                         capsize=2, label=arm)
+        for ax, e in zip(axes[1:], ("unbiased", "biased")):
+            ax.plot(range(len(m["cka"][e])), list(m["cka"][e].values()), marker="o", ms=3,
+                    label=arm)
+    for ax, t in zip(axes, ("FFD to the final model", "cross-seed CKA, unbiased (official)",
+                            "cross-seed CKA, biased")):
+        ax.set_title(f"{title}: {t}", fontsize=8)
+        ax.legend(fontsize=7)
+    axes[0].set_xlabel("epoch"), axes[1].set_xlabel("module"), axes[2].set_xlabel("module")
+    fig.tight_layout()
+    cli.save_atomic(lambda f: fig.savefig(f, format="png", dpi=110), path)
 
 
 def main(argv=None):

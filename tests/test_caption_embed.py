@@ -315,14 +315,19 @@ def test_cli_malformed_line_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--data", "shapes"], "per-image captions come with --captions"),  # the old built-in mode
-    (["--classes", "--captions", "c.txt"], "class-level text is --classes --data"),
+    (["--classes"], "class-level text is --classes --data"),
+    (["--classes", "--captions", "c.txt"], "argument --captions: not allowed with argument "
+                                           "--classes"),
+    (["--captions", "c.txt", "--data", ".", "--val-captions", "v.txt"],
+     "with --data, the table's val/ rows are the validation captions"),
     (["--import-zip", "z.zip", "--val-captions", "v.txt"], "--val-captions goes with --captions"),
     (["--captions", "c.txt", "--batch-size", "0"], "argument --batch-size: must be an integer "
                                                    r"in \[1, 4096\], got 0"),
     (["--captions", "c.txt", "--import-zip", "z.zip"], "not allowed with argument"),
     (["--captions", "nowhere.txt"], "argument --captions: no file nowhere.txt"),
     (["--captions", "."], "argument --captions: . is a folder: name a file"),
-], ids=["data-without-classes", "classes-without-data", "val-without-captions", "batch-0",
+], ids=["data-without-classes", "classes-without-data", "classes-and-captions",
+         "val-with-a-table", "val-without-captions", "batch-0",
         "two-sources", "no-captions", "captions-a-folder"])
 def test_flag_mistakes_are_one_line(tmp_path, argv, message, monkeypatch):
     """Flags that do not go together, or name no input, are refused in one line, before

@@ -1,0 +1,199 @@
+"""
+The one study runner of experiments/: a study is its plan (a docstring written before any run)
+and its cells; the rest lives here, once.
+
+    runs       every run of a study is a Run: its folder, its config, and what else defines it
+               (a target source, per-epoch statistics, a run it starts from)
+    workers    processes of one CPU thread each; each claims the next unclaimed run (a lock the
+               operating system drops when the worker dies), so any number of workers share one
+               list, and a stopped study continues where it stopped: finished runs are reused,
+               interrupted ones continued from their last checkpoint (compare.run_arm)
+    signals    SIGINT, SIGTERM and SIGHUP end the study as Ctrl-C does (cli.run: one line, exit
+               128 + N); the workers stop with it, and a worker whose study is gone (killed with
+               SIGKILL, even) stops by itself: its stdin is a pipe from the study, and EOF on it
+               means the study has ended
+    the report the paired-difference table (a cell minus the cell it is paired with, seed by
+               seed) and its plot
+
+A study script defines `prepare(args)`, `runs(args)` and `report(args)`, and ends with
+
+    if __name__ == "__main__":
+        runner.main(sys.modules[__name__], description, argv=None, data=...)
+"""
+import argparse
+import dataclasses
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+
+import numpy as np
+
+import compare  # noqa: E402
+from cli import need  # noqa: E402
+
+
+@dataclasses.dataclass
+class Run:
+    """One run of a study. config is a textteacher Config, or a function of nothing that makes
+    one once `after` is finished (a fine-tune: --init reads its source); targets a function
+    config -> target source (a control), None for the trainer's own --text; stats records the
+    per-class statistics of every epoch (the FFD of experiments/analysis.py); objective and
+    settings are train()'s seam and what it adds to the arm's identity (compare.run_arm)."""
+    folder: str
+    config: object
+    targets: object = None
+    stats: bool = False
+    after: str = ""
+    objective: object = None
+    settings: dict = None
+
+
+def work(runs):
+    """Claim and train every run not yet claimed by another worker, in order; a run that starts
+    from another waits for that one's export."""
+    import analysis  # the per-epoch statistics; here, not at the top: the study needs none
+    for run in runs:
+        try:
+            cli.lock(run.folder + ".job", "job")
+        except cli.UserError:  # another worker trains it
+            continue
+        while run.after and not compare.finished(run.after, 1):
+            time.sleep(2)
+        cfg = run.config() if callable(run.config) else run.config
+        targets = run.targets(cfg) if run.targets else None
+        on_epoch = analysis.record_stats(cfg, run.folder) if run.stats else None
+        compare.run_arm(cfg, run.folder, targets, on_epoch, run.objective, run.settings)
+        cli.release(run.folder + ".job")
+
+
+def stop_with_parent():
+    """In a worker: stop as on SIGTERM once the study that started it has ended, however it
+    ended (its end closes the pipe on our stdin). The study's own signals reach us first."""
+    def watch():
+        sys.stdin.buffer.read()  # returns at EOF: the study is gone
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def start_workers(script, argv, workers):
+    """The workers as processes of their own, one CPU thread each, until all have ended. A
+    worker that fails ends the study in one line (its own, for an input error; its whole output
+    for a bug). Any way the study itself ends (a signal, an error) stops the workers first."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    logs = [tempfile.TemporaryFile("w+", encoding="utf-8") for _ in range(workers)]
+    procs = []
+    try:
+        for log in logs:
+            procs.append(subprocess.Popen([sys.executable, script, *argv, "--worker"], env=env,
+                                          stdin=subprocess.PIPE, stderr=log))
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:  # still running only when the study was interrupted or failed
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+    for i, (code, log) in enumerate(zip(codes, logs)):
+        log.seek(0)
+        text = log.read().strip()
+        last = text.splitlines()[-1] if text else ""
+        if code and last.startswith("error: "):
+            e = cli.UserError(f"{last[len('error: '):]} (worker {i}; the finished runs are "
+                              "kept: run the same command again to continue)")
+            e.code = code
+            raise e
+        if text:  # notes, warnings, or a bug's traceback: as the worker wrote them
+            print(text, file=sys.stderr)
+        need(not code, f"worker {i} ended with exit code {code} (its output is above); the "
+             "finished runs are kept: run the same command again to continue")
+
+
+def main(study, description, argv=None, data="data/cifar10-1k", add_arguments=None):
+    """The command line of every study: --data, --root, --docs, --workers; the study claims
+    --root (one study per root), prepares its inputs, starts the workers, writes the report."""
+    p = cli.Parser(description=description)
+    p.add_argument("--data", default=data, type=cli.path("new folder"),
+                   help="the image folder the study trains on")
+    p.add_argument("--root", default=study.ROOT, type=cli.path("new folder"),
+                   help="where the runs go (a stopped study continues from them)")
+    p.add_argument("--docs", default="docs", type=cli.path("new folder"),
+                   help="where the table, the numbers and the plot go")
+    # processes of one CPU thread each: one per core is the most that gains
+    p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=2,
+                   help="processes, one run each at a time")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    if add_arguments:
+        add_arguments(p)
+    args = p.parse_args(argv)
+    if args.worker:  # one of the study's workers: it trains, the study reports
+        stop_with_parent()
+        return work(study.runs(args))
+    cli.lock(cli.writable(args.root), "--root")
+    cli.writable(args.docs)  # where the results go, and what draws them, checked first
+    need(importlib.util.find_spec("matplotlib"), "the study draws its plot with matplotlib, "
+         "which is optional: pip install matplotlib")
+    study.prepare(args)
+    start_workers(study.__file__, argv if argv is not None else sys.argv[1:], args.workers)
+    study.report(args)
+
+
+def run(study, description, **kwargs):
+    """A study's `if __name__ == "__main__"`: main through cli.run, whose line after a signal
+    says how to continue."""
+    cli.run(lambda argv: cli.releasing(main)(study, description, argv, **kwargs),
+            interrupted="every run keeps its last checkpoint: run the same command again to "
+            "continue")
+
+
+# ----------------------------------------------------------------------------
+# The report: final top-1 per cell, paired differences, the plot
+
+def final(folder, key="top1"):
+    """The last epoch's value of a finished run."""
+    return compare.read_metrics(folder)[-1][key]
+
+
+def paired_row(name, labels, values, base=None):
+    """A markdown table row and its numbers: mean ± std of values over the seeds, and, with
+    base (the same seeds' values of the cell it is paired with), of the paired difference and
+    how many seeds it is positive for."""
+    mean = compare.mean_std(values)
+    out = dict(values=list(values), mean=mean)
+    diff = ""
+    if base is not None:
+        d = np.subtract(values, base)
+        out.update(diff=compare.mean_std(d), positive=int((d > 0).sum()))
+        diff = "**{:+.2f} ± {:.2f}** ({} of {})".format(*out["diff"], out["positive"], len(d))
+    line = f"| {name} | {labels} | {len(values)} | {mean[0]:.2f} ± {mean[1]:.2f} | {diff} |"
+    return line, out
+
+
+TABLE_HEAD = ["| cell | labels | seeds | top-1 | paired difference (seeds positive) |",
+              "|---|---|---|---|---|"]
+
+
+def plot(path, bars, title, ylabel="paired difference of final top-1 (p.p.)"):
+    """A bar per (label, (mean, std)): the paired differences of a study, written to path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars)), 4))
+    means = [m for _, (m, _) in bars]
+    ax.bar(range(len(bars)), means, yerr=[s for _, (_, s) in bars], capsize=3,
+           color=["C0" if m > 0 else "C3" for m in means])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    cli.save_atomic(lambda f: fig.savefig(f, format="png", dpi=110), path)
