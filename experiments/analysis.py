@@ -215,6 +215,29 @@ def cross_seed_cka(source_a, source_b, images, estimator="unbiased"):
 # ----------------------------------------------------------------------------
 # The tables and the plot of a study's analysis
 
+def arms_analysis(arms, images, epochs, pairs=((0, 1), (0, 2), (1, 2))):
+    """{arm: dict(ffd, ffd_std, seeds, cka, cka_std)} of arms {arm: {seed: run folder}} trained
+    with record_stats: the mean and std over seeds of the FFD curve, and over the seed pairs of
+    cross-seed CKA per module, by both estimators ({estimator: {module: value}})."""
+    out = {}
+    for arm, runs in arms.items():
+        curves = [ffd_curve(r, epochs) for r in runs.values()]
+        cka = {e: [cross_seed_cka(runs[a], runs[b], images, e) for a, b in pairs]
+               for e in ("unbiased", "biased")}
+        out[arm] = dict(ffd=np.mean(curves, 0).tolist(), ffd_std=np.std(curves, 0, ddof=1).tolist(),
+                        seeds=list(runs), **{key: {e: {k: float(f([c[k] for c in v]))
+                                                       for k in v[0]} for e, v in cka.items()}
+                                             for key, f in (("cka", np.mean), ("cka_std", np.std))})
+    return out
+
+
+def floors(pairs, images):
+    """{name: {estimator: {module: CKA}}} of pairs {name: (model, model or None)}: CKA between
+    models that share nothing learned (None: an untrained model of the first one's size)."""
+    return {name: {e: cross_seed_cka(a, b, images, e) for e in ("unbiased", "biased")}
+            for name, (a, b) in pairs.items()}
+
+
 def ends(cka):
     """(mean CKA of the first two blocks, of the last two) of {module: CKA}, attn and mlp of
     each block in order."""
@@ -232,8 +255,8 @@ def cka_tables(arms, floors, epochs, command):
              "|---|---|---|---|"]
     for arm, m in arms.items():
         f, sd = m["ffd"], m["ffd_std"]
-        lines.append(f"| {arm} | {f[0]:.1f} ± {sd[0]:.1f} | {f[third - 1]:.1f} ± {sd[third - 1]:.1f}"
-                     f" | {f[-2]:.2f} ± {sd[-2]:.2f} |")
+        lines.append(f"| {arm} | {f[0]:.1f} ± {sd[0]:.1f} | {f[third - 1]:.1f} ± "
+                     f"{sd[third - 1]:.1f} | {f[-2]:.2f} ± {sd[-2]:.2f} |")
     lines += ["", "| CKA | unbiased, first 2 blocks | unbiased, last 2 blocks | biased, first 2 "
               "blocks | biased, last 2 blocks |", "|---|---|---|---|---|"]
     for arm, m in arms.items():

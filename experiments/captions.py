@@ -74,7 +74,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
 
-import numpy as np
 import torch
 
 import analysis  # noqa: E402
@@ -152,6 +151,7 @@ def control(kind):
 
 def prepare(args):
     """The embeddings of every text variant: class text, captions, masked captions, merged."""
+    runner.need_matplotlib()
     table = os.path.join(args.data, "captions.tsv")
     need(os.path.isfile(table), f"{args.data} has no captions.tsv: unpack the captioned photos "
          "there (see the docstring)")
@@ -194,13 +194,15 @@ def runs(args):
                    dataclasses.replace(cfg, text=os.path.join(args.root, f"text-{text}.pt")))
             out.append(Run(folder(args.root, cell, noise, seed), cfg,
                            control(cell) if cell in ("shuffled", "random") else None,
-                           stats=noise == 0 and cell in ANALYSED))
+                           on_epoch=analysis.record_stats if noise == 0 and cell in ANALYSED
+                           else None))
     return out
 
 
 def report(args):
-    """docs/captions.{md,json,png}, and the analysis: docs/captions-analysis.{md,png}."""
-    top1 = {(c, n): [runner.final(folder(args.root, c, n, s)) for s in seeds]
+    """docs/captions.{md,json,png}, and the analysis: docs/captions-analysis.{md,png}; of the
+    runs finished so far (each number says how many seeds it rests on)."""
+    top1 = {(c, n): runner.finals({s: folder(args.root, c, n, s) for s in seeds}, EPOCHS)
             for n, cells, seeds in ((0.0, CLEAN, range(5)), (0.5, NOISY, range(3)))
             for c in cells}
     results, lines = {}, list(runner.TABLE_HEAD)
@@ -209,27 +211,29 @@ def report(args):
         line, results[f"{cell}-n{noise}"] = runner.paired_row(
             cell, labels, values, None if cell == "baseline" else top1[("baseline", noise)])
         lines.append(line)
-    lines.append("| **paired against each other** | | | | |")
+    lines.append("| **paired with each other** | | | | |")
     for a, b, noise in (("captions", "shuffled", 0.0), ("captions", "class", 0.0),
                         ("masked", "random", 0.0), ("merged", "captions", 0.0),
                         ("captions", "masked", 0.5), ("class", "captions", 0.5)):
-        labels = "clean" if not noise else "50% noisy"
         line, results[f"{a}-minus-{b}-n{noise}"] = runner.paired_row(
-            f"{a} - {b}", labels, top1[(a, noise)], top1[(b, noise)])
-        lines.append(line.replace(f"| {len(top1[(a, noise)])} | ", f"| {len(top1[(a, noise)])}"
-                                  " | (of the first) ", 1))
-    base_clean = top1[("baseline", 0.0)][:3]
-    cost = np.subtract(base_clean, top1[("baseline", 0.5)])
-    recovery = {c: compare.mean_std(np.subtract(top1[(c, 0.5)], top1[("baseline", 0.5)]) / cost)
-                for c in NOISY[1:]}
+            f"{a} - {b}", "clean" if not noise else "50% noisy", top1[(a, noise)],
+            top1[(b, noise)])
+        lines.append(line)
+    clean, noisy = top1[("baseline", 0.0)], top1[("baseline", 0.5)]
+    recovery = {}
+    for c in NOISY[1:]:  # (cell - baseline) / (clean baseline - noisy baseline), seed by seed
+        seeds = sorted(clean.keys() & noisy.keys() & top1[(c, 0.5)].keys())
+        shares = [(top1[(c, 0.5)][s] - noisy[s]) / (clean[s] - noisy[s]) for s in seeds]
+        recovery[c] = compare.mean_std(shares) if shares else (float("nan"),) * 2
     results["recovery-n0.5"] = recovery
     text = ("Validation top-1 (%) at the last epoch (10 epochs), CIFAR-10 test images with "
             "FoMo-in-Flux captions (JPEG copy), 500 training images per class; mean ± std over "
             "the seeds, differences paired by seed (against the baseline of the same seed and "
-            "noise unless named). Written by `python experiments/captions.py`.\n\n"
-            + "\n".join(lines) + "\n\nUnder 50% noise, the share of the noise's cost "
-            "recovered, (cell - baseline) / (clean baseline - noisy baseline), seeds 0-2: "
-            + ", ".join(f"{c} {m:.2f} ± {s:.2f}" for c, (m, s) in recovery.items()) + "\n")
+            "noise unless two cells are named). Written by `python experiments/captions.py`."
+            "\n\n" + "\n".join(lines) + "\n\nUnder 50% noise, the share of the noise's cost "
+            "that a cell recovers, (cell - baseline) / (clean baseline - noisy baseline), seed "
+            "by seed: " + ", ".join(f"{c} {m:.2f} ± {s:.2f}" for c, (m, s) in recovery.items())
+            + "\n")
     results["analysis"] = analysis_report(args)
     cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(args.docs, "captions.md"))
     cli.save_atomic(lambda f: f.write(json.dumps(results, indent=1).encode()),
@@ -244,25 +248,18 @@ def report(args):
 def analysis_report(args):
     """FFD to the final model over training, and cross-seed CKA per module by both estimators,
     beside its floors: docs/captions-analysis.{md,png}."""
+    runs_of = {c: {s: folder(args.root, c, 0.0, s) for s in range(5)
+                   if compare.finished(folder(args.root, c, 0.0, s), EPOCHS)} for c in ANALYSED}
+    if not all({0, 1, 2} <= r.keys() for r in runs_of.values()):
+        print("note: the analysis waits for seeds 0-2 of the baseline, captions and class cells")
+        return None
     images = analysis.validation_images(args.data, "", 32, 1000)
-    out, seeds = {}, range(5)
-    for cell in ANALYSED:
-        runs_of = [folder(args.root, cell, 0.0, s) for s in seeds]
-        curves = [analysis.ffd_curve(r, EPOCHS) for r in runs_of]
-        cka = {est: [analysis.cross_seed_cka(runs_of[a], runs_of[b], images, est)
-                     for a, b in PAIRS] for est in ("unbiased", "biased")}
-        out[cell] = dict(ffd=np.mean(curves, 0).tolist(), ffd_std=np.std(curves, 0, ddof=1).tolist(),
-                         cka={e: {k: float(np.mean([c[k] for c in v])) for k in v[0]}
-                              for e, v in cka.items()},
-                         cka_std={e: {k: float(np.std([c[k] for c in v], ddof=1)) for k in v[0]}
-                                  for e, v in cka.items()})
-    floors = {"trained - untrained": (folder(args.root, "baseline", 0.0, 0), None),
-              "baseline - captions, seed 0": (folder(args.root, "baseline", 0.0, 0),
-                                              folder(args.root, "captions", 0.0, 0)),
-              "baseline - class, seed 0": (folder(args.root, "baseline", 0.0, 0),
-                                           folder(args.root, "class", 0.0, 0))}
-    out["floors"] = {name: {est: analysis.cross_seed_cka(a, b, images, est)
-                            for est in ("unbiased", "biased")} for name, (a, b) in floors.items()}
+    out = analysis.arms_analysis(runs_of, images, EPOCHS)
+    base = folder(args.root, "baseline", 0.0, 0)
+    out["floors"] = analysis.floors({
+        "trained - untrained": (base, None),
+        "baseline - captions, seed 0": (base, folder(args.root, "captions", 0.0, 0)),
+        "baseline - class, seed 0": (base, folder(args.root, "class", 0.0, 0))}, images)
     text = analysis.cka_tables({c: out[c] for c in ANALYSED}, out["floors"], EPOCHS,
                                "python experiments/captions.py")
     cli.save_atomic(lambda f: f.write(text.encode()),
@@ -273,6 +270,10 @@ def analysis_report(args):
     return out
 
 
+def main(argv=None):
+    return runner.main(sys.modules[__name__], "The planned study of per-image captions on "
+                       "real photos.", argv, data="data/cifar10-captioned")
+
+
 if __name__ == "__main__":
-    runner.run(sys.modules[__name__], "The planned study of per-image captions on real photos.",
-               data="data/cifar10-captioned")
+    runner.run(main)

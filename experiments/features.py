@@ -66,13 +66,10 @@ budget where the from-scratch run has learned), and a from-scratch run of the sa
 budget per seed is the reference ("scratch"). The probes and source runs are unchanged.
 """
 
-import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -85,10 +82,13 @@ from PIL import Image
 
 import caption_embed  # noqa: E402
 import compare  # noqa: E402
+import runner  # noqa: E402
 import shapes  # noqa: E402
 import textteacher as tt  # noqa: E402
 import transfer  # noqa: E402
+from runner import Run  # noqa: E402
 
+ROOT = "runs/study"  # the study's runs, reused where present
 SEEDS = (0, 1, 2)
 ATTRIBUTES = ("shape", "colour", "size", "place", "bg")
 TASK = dict(attribute="place", splits={"train": (1000, 10), "val": (1000, 11)})
@@ -133,8 +133,10 @@ def attributes(split, data="data/shapes"):
                         f"(experiments/shapes.py --out {data} --force)")
 
 
-def prepare(root, data, task_data):
+def prepare(args):
     """The shapes set, one embeddings file per caption variant, and the transfer set."""
+    runner.need_matplotlib()
+    root, data, task_data = args.root, args.data, args.task_data
     if not os.path.isdir(os.path.join(data, "train")):
         shapes.main(["--out", data])
     os.makedirs(root, exist_ok=True)
@@ -222,21 +224,17 @@ def finetune_config(task_data, source, seed):
 PLACE_CELLS = ("baseline-n0.0", "baseline-n0.5", "full-n0.0", "full-n0.5")
 
 
-def work(root, data, task_data, worker, workers, cells=tuple(SOURCES)):
-    """This worker's share: every workers-th source run, then every workers-th fine-tune."""
-    for path, cfg, captions in jobs(root, data)[worker::workers]:
-        if not any(path == folder(root, c, cfg.seed) for c in cells):
-            continue
-        on_epoch = compare.alignment(cfg, os.path.join(root, "text-full.pt")) if captions else None
-        compare.run_arm(cfg, path, on_epoch=on_epoch)
-    # the fine-tunes start once every source run of this worker is done; a source run of the
-    # other worker may still be running: wait for its export
-    wanted = [f for f in finetunes(root, task_data)
-              if os.path.basename(os.path.dirname(f[0])) in (*cells, "scratch")]
-    for path, source, make in wanted[worker::workers]:
-        while source and not os.path.exists(os.path.join(source, "export", "config.json")):
-            time.sleep(5)
-        compare.run_arm(make(), path)
+def runs(args):
+    """Every run as the runner's Run: the source runs first, then the fine-tunes, each after
+    its source (--place-only: those of PLACE_CELLS alone)."""
+    cells = PLACE_CELLS if args.place_only else tuple(SOURCES)
+    full = os.path.join(args.root, "text-full.pt")
+    out = [Run(path, cfg, on_epoch=(lambda c, f: compare.alignment(c, full)) if captions else None)
+           for path, cfg, captions in jobs(args.root, args.data)
+           if any(path == folder(args.root, c, cfg.seed) for c in cells)]
+    return out + [Run(path, make, after=source or "")
+                  for path, source, make in finetunes(args.root, args.task_data)
+                  if os.path.basename(os.path.dirname(path)) in (*cells, "scratch")]
 
 
 # ----------------------------------------------------------------------------
@@ -285,7 +283,7 @@ def shapes_order(keys, split):
     return torch.tensor([int(k[len(split):-4]) for k in keys])
 
 
-def report(root, docs, results):
+def write_report(root, docs, results):
     """docs/features.md, .json and .png from the finished runs and the probes."""
     where = os.path.join(root, f"{TASK['attribute']}-e{FINETUNE_EPOCHS}")
     scratch = [compare.read_metrics(os.path.join(where, "scratch", f"seed{s}"))[-1]
@@ -356,38 +354,17 @@ def plot(docs, diffs, measures):
     fig.savefig(os.path.join(docs, "features.png"), dpi=110)
 
 
-@cli.releasing  # the claim on --root ends with main
-def main(argv=None):
-    p = cli.Parser(description="What the text puts into the features.")
-    p.add_argument("--root", default="runs/study", type=cli.path("new folder"),
-                   help="the study's runs, reused where present")
-    p.add_argument("--data", default="data/shapes", type=cli.path("new folder"),
-                   help="the shapes set (drawn there if absent)")
-    p.add_argument("--task-data", default="data/shapes-place", type=cli.path("new folder"),
-                   help="the transfer task's set (drawn there if absent)")
-    p.add_argument("--docs", default="docs", type=cli.path("new folder"))
-    # processes of one CPU thread each: more than there are runs at a time gains nothing
-    p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=2)
-    p.add_argument("--worker", type=cli.number(int, "[-1, 63]"), default=-1,
-                   help=argparse.SUPPRESS)
-    p.add_argument("--place-only", action="store_true", help="only the place task's "
-                   "fine-tunes of the baseline and full-caption cells, and the scratch runs")
-    args = p.parse_args(argv)
-    cli.need(args.worker < args.workers, f"--worker {args.worker} is not one of the "
-             f"{args.workers} --workers")
-    cells = PLACE_CELLS if args.place_only else tuple(SOURCES)
-    if args.worker >= 0:
-        return work(args.root, args.data, args.task_data, args.worker, args.workers, cells)
-    cli.lock(args.root, "--root")  # the study's folder: one of them at a time
-    prepare(args.root, args.data, args.task_data)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, *(argv or sys.argv[1:]), "--worker",
-                               str(i)], env=env) for i in range(args.workers)]
-    cli.need(not any(p.wait() for p in procs), "a worker failed; run the same command again to "
-             "continue")
+def report(args):
     if args.place_only:
         return place_report(args.root, args.docs)
-    report(args.root, args.docs, probes(args.root, args.data, args.task_data))
+    write_report(args.root, args.docs, probes(args.root, args.data, args.task_data))
+
+
+def arguments(p):
+    p.add_argument("--task-data", default="data/shapes-place", type=cli.path("new folder"),
+                   help="the transfer task's set (drawn there if absent)")
+    p.add_argument("--place-only", action="store_true", help="only the place task's "
+                   "fine-tunes of the baseline and full-caption cells, and the scratch runs")
 
 
 def place_report(root, docs):
@@ -415,5 +392,10 @@ def place_report(root, docs):
     print(text)
 
 
+def main(argv=None):
+    return runner.main(sys.modules[__name__], "What the text puts into the features.", argv,
+                       data="data/shapes", add_arguments=arguments)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    runner.run(main)

@@ -68,31 +68,30 @@ Hypotheses:
 A hypothesis holds where the mean paired difference has the predicted sign and exceeds its std;
 every cell is reported whatever its sign.
 """
-import argparse
 import dataclasses
+import functools
 import json
 import os
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
 
-import numpy as np
 import torch
 
 import analysis  # noqa: E402
 import caption_embed  # noqa: E402
-import compare  # noqa: E402
+import runner  # noqa: E402
 import shapes  # noqa: E402
 import study  # noqa: E402
 import textteacher as tt  # noqa: E402
 import transfer  # noqa: E402
 from cli import need  # noqa: E402
+from runner import Run  # noqa: E402
 
+ROOT = "runs/photos"
 CLEAN_SEEDS, NOISY_SEEDS, PAIRS = (0, 1, 2, 3, 4), (0, 1, 2), ((0, 1), (0, 2), (1, 2))
 EPOCHS = 10
 CELLS = {"baseline": 0.0, "class": 0.0, "permuted": 0.0, "random": 0.0}  # clean cells
@@ -140,9 +139,13 @@ def split_folder(data, out, classes):
                 os.symlink(os.path.abspath(os.path.join(data, split, c)), link)
 
 
-def prepare(root, data):
+def prepare(args):
     """The class text of the data set and of the transfer's source half, the halves, and the
     shapes set with its full captions (study.py's)."""
+    root, data = args.root, args.data
+    runner.need_matplotlib()
+    need(os.path.isdir(os.path.join(data, "train")), f"--data {data} has no train/ folder: "
+         "unpack the photos there (see the docstring)")
     classes = sorted(os.listdir(os.path.join(data, "train")))
     need(len(classes) >= 4, f"{data} has {len(classes)} classes; the study needs 4 or more")
     half = len(classes) // 2
@@ -169,11 +172,20 @@ def photo_config(data, *more):
     return cfg
 
 
-def jobs(root, data):
-    """Every run as (folder, config, target maker or None, record the FFD statistics?, the
-    folder it starts from or None), in the order they run: the clean photo cells seed by seed,
-    the noisy ones, the shapes cells, the transfer's pretraining, then its fine-tunes."""
+def control(make):
+    """A function cfg -> the control make(targets) of the class text in cfg.text."""
+    def targets(cfg):
+        keys, classes = tt.image_split(cfg.data, cfg.data_dir, "train")[1:]
+        return make(tt.TextTargets(cfg.text, keys, classes, cfg.data))
+    return targets
+
+
+def runs(args):
+    """Every run, in the order they run: the clean photo cells seed by seed, the noisy ones,
+    the shapes cells, the transfer's pretraining, then its fine-tunes (each after its source)."""
+    root, data = args.root, args.data
     out, text = [], f"{root}/text-class.pt"
+    stats = analysis.record_stats  # the FFD of the analysis: baseline and class text
     for seed in CLEAN_SEEDS:
         for cell in CELLS:
             cfg = photo_config(data, "--seed", str(seed))
@@ -182,34 +194,35 @@ def jobs(root, data):
             else:
                 cfg = dataclasses.replace(cfg, text=text)
             make = dict(permuted=Permuted, random=RandomClass).get(cell)
-            stats = cell in ("baseline", "class")  # the FFD of the analysis: these two arms
-            out.append((f"{root}/{cell}-n0.0/seed{seed}", cfg, make, stats, None))
+            out.append(Run(f"{root}/{cell}-n0.0/seed{seed}", cfg, make and control(make),
+                           stats if cell in ("baseline", "class") else None))
     for seed in NOISY_SEEDS:
         for cell in ("baseline", "class"):
             cfg = photo_config(data, "--seed", str(seed), "--label-noise", "0.5")
             cfg = dataclasses.replace(cfg, text_loss_lambda=0.0) if cell == "baseline" else (
                 dataclasses.replace(cfg, text=text))
-            out.append((f"{root}/{cell}-n0.5/seed{seed}", cfg, None, False, None))
+            out.append(Run(f"{root}/{cell}-n0.5/seed{seed}", cfg))
     shapes_data = os.path.join(os.path.dirname(data), "shapes")
     for noise in (0.0, 0.5):
         for seed in study.SEEDS:
             cfg, _ = tt.parse_config(["--data", "shapes", "--data-dir", shapes_data, "--threads",
                                       "1", "--patch-size", "8", "--epochs", "15", "--seed",
                                       str(seed), "--label-noise", str(noise)])
-            out.append((f"{root}/shapes/base-p8-e15-n{noise}/seed{seed}",
-                        dataclasses.replace(cfg, text_loss_lambda=0.0), None, True, None))
-            out.append((f"{root}/shapes/full-n{noise}/seed{seed}", dataclasses.replace(
-                cfg, text=f"{root}/shapes/text-full.pt"), None, True, None))
+            out.append(Run(f"{root}/shapes/base-p8-e15-n{noise}/seed{seed}",
+                           dataclasses.replace(cfg, text_loss_lambda=0.0), on_epoch=stats))
+            out.append(Run(f"{root}/shapes/full-n{noise}/seed{seed}", dataclasses.replace(
+                cfg, text=f"{root}/shapes/text-full.pt"), on_epoch=stats))
     for seed in NOISY_SEEDS:
         cfg = photo_config(f"{root}/data-source", "--seed", str(seed))
-        out.append((f"{root}/pretrain/baseline/seed{seed}",
-                    dataclasses.replace(cfg, text_loss_lambda=0.0), None, False, None))
-        out.append((f"{root}/pretrain/class/seed{seed}", dataclasses.replace(
-            cfg, text=f"{root}/text-source-class.pt"), None, False, None))
+        out.append(Run(f"{root}/pretrain/baseline/seed{seed}",
+                       dataclasses.replace(cfg, text_loss_lambda=0.0)))
+        out.append(Run(f"{root}/pretrain/class/seed{seed}", dataclasses.replace(
+            cfg, text=f"{root}/text-source-class.pt")))
     for seed in NOISY_SEEDS:
         for arm in ("scratch", "baseline", "class"):
-            source = None if arm == "scratch" else f"{root}/pretrain/{arm}/seed{seed}"
-            out.append((f"{root}/finetune/{arm}/seed{seed}", None, None, False, source))
+            source = "" if arm == "scratch" else f"{root}/pretrain/{arm}/seed{seed}"
+            out.append(Run(f"{root}/finetune/{arm}/seed{seed}", functools.partial(
+                finetune_config, root, seed, source), after=source))
     return out
 
 
@@ -219,79 +232,42 @@ def finetune_config(root, seed, source):
                         *(["--init", source] if source else []))
 
 
-def work(root, data):
-    """Claim and run every job not yet claimed by another worker (a lock per job, which the
-    operating system drops if a worker dies), in order; a fine-tune waits for its source."""
-    for folder, cfg, make, stats, source in jobs(root, data):
-        try:
-            cli.lock(folder + ".job", "job")
-        except cli.UserError:  # the other worker runs it
-            continue
-        if cfg is None:  # a fine-tune: --init reads its source, which must be finished
-            while source and not os.path.exists(os.path.join(source, "export", "config.json")):
-                time.sleep(5)
-            cfg = finetune_config(root, int(folder.rsplit("seed", 1)[1]), source)
-        targets = None
-        if make:
-            keys, classes = tt.image_split(cfg.data, cfg.data_dir, "train")[1:]
-            targets = make(tt.TextTargets(cfg.text, keys, classes, cfg.data))
-        on_epoch = analysis.record_stats(cfg, folder) if stats else None
-        compare.run_arm(cfg, folder, targets, on_epoch)
-        cli.release(folder + ".job")
-
-
 # ----------------------------------------------------------------------------
 # The report
 
-def final(folder, key="top1"):
-    return compare.read_metrics(folder)[-1][key]
-
-
-def row(cells, name, base):
-    """A table row: mean top-1 and the paired difference to base, per seed list."""
-    values, bases = cells[name], cells[base]
-    diff = compare.mean_std(np.subtract(values, bases)) if name != base else None
-    mean = compare.mean_std(values)
-    return mean, diff
-
-
-def report(root, data, docs):
+def report(args):
     """docs/photos.{md,json,png} and docs/analysis.{md,png} from the finished runs."""
-    results, lines = {}, ["| cell | labels | seeds | top-1 | - baseline (paired) |",
-                          "|---|---|---|---|---|"]
-    for noise, seeds, cells in ((0.0, CLEAN_SEEDS, CELLS), (0.5, NOISY_SEEDS, ("baseline",
-                                                                                "class"))):
-        top1 = {c: [final(f"{root}/{c}-n{noise}/seed{s}") for s in seeds] for c in cells}
-        for c in cells:
-            mean, diff = row(top1, c, "baseline")
-            results[f"{c}-n{noise}"] = dict(top1=top1[c], mean=mean, diff=diff)
-            lines.append(f"| {c} | {'clean' if not noise else f'{noise:.0%} noisy'} | "
-                         f"{len(seeds)} | {mean[0]:.2f} ± {mean[1]:.2f} | " + (
-                             f"**{diff[0]:+.2f} ± {diff[1]:.2f}**" if diff else "") + " |")
+    root, docs = args.root, args.docs
+    results, lines = {}, list(runner.TABLE_HEAD)
+    top1 = {(c, noise): runner.finals({s: f"{root}/{c}-n{noise}/seed{s}" for s in seeds}, EPOCHS)
+            for noise, seeds, cells in ((0.0, CLEAN_SEEDS, CELLS),
+                                        (0.5, NOISY_SEEDS, ("baseline", "class")))
+            for c in cells}
+    for (c, noise), values in top1.items():
+        line, results[f"{c}-n{noise}"] = runner.paired_row(
+            c, "clean" if not noise else "50% noisy", values,
+            None if c == "baseline" else top1[("baseline", noise)])
+        lines.append(line)
     for c in ("permuted", "random"):  # the controls against the language, paired too
-        d = compare.mean_std(np.subtract(results["class-n0.0"]["top1"],
-                                         results[f"{c}-n0.0"]["top1"]))
-        results[f"class-minus-{c}"] = d
-        lines.append(f"| class - {c} | clean | 5 | | **{d[0]:+.2f} ± {d[1]:.2f}** |")
-    tf = {arm: dict(final=[final(f"{root}/finetune/{arm}/seed{s}") for s in NOISY_SEEDS],
-                    best=[final(f"{root}/finetune/{arm}/seed{s}", "best_top1")
-                          for s in NOISY_SEEDS])
+        line, results[f"class-minus-{c}"] = runner.paired_row(
+            f"class - {c}", "clean", top1[("class", 0.0)], top1[(c, 0.0)])
+        lines.append(line)
+    tf = {arm: {k: runner.finals({s: f"{root}/finetune/{arm}/seed{s}" for s in NOISY_SEEDS},
+                                 EPOCHS, key) for k, key in (("final", "top1"),
+                                                             ("best", "best_top1"))}
           for arm in ("scratch", "baseline", "class")}
     splits = {s: tt.image_split(f"{root}/data-target", "", s)[0] for s in ("train", "val")}
     for arm in ("baseline", "class"):
-        tf[arm]["probe"] = [transfer.probe(f"{root}/pretrain/{arm}/seed{s}", splits, 32)
-                            for s in NOISY_SEEDS]
-    tlines = ["| start | probe | fine-tune final | fine-tune best |", "|---|---|---|---|"]
-    for arm, m in tf.items():
-        tlines.append(f"| {arm} | " + " | ".join(
-            "{:.2f} ± {:.2f}".format(*compare.mean_std(m[k])) if k in m else "-"
-            for k in ("probe", "final", "best")) + " |")
-    d = {k: compare.mean_std(np.subtract(tf["class"][k], tf["baseline"][k]))
-         for k in ("probe", "final", "best")}
-    tlines.append("| class - baseline (paired) | " + " | ".join(
-        f"**{m:+.2f} ± {s:.2f}**" for m, s in d.values()) + " |")
-    results["transfer"] = dict(tf, diff=d)
-    analysis_report(root, data, docs, results)
+        tf[arm]["probe"] = {s: transfer.probe(f"{root}/pretrain/{arm}/seed{s}", splits, 32)
+                            for s in NOISY_SEEDS}
+    tlines = ["| start | measure | seeds | top-1 | class - baseline (paired) |",
+              "|---|---|---|---|---|"]
+    for arm, measures in tf.items():
+        for k, values in measures.items():
+            line, results[f"transfer-{arm}-{k}"] = runner.paired_row(
+                arm, k, values, tf["baseline"][k] if arm == "class" else None)
+            tlines.append(line)
+    analysis_report(args, results)
     text = ("Validation top-1 (%) at the last epoch (10 epochs), CIFAR-10, 1000 training "
             "images per class (JPEG copy), mean ± std over the seeds; differences paired by "
             "seed. Written by `python experiments/photos.py --data data/cifar10-1k`.\n\n"
@@ -300,103 +276,46 @@ def report(root, data, docs):
     cli.save_atomic(lambda f: f.write(text.encode()), f"{docs}/photos.md")
     cli.save_atomic(lambda f: f.write(json.dumps(results, indent=1).encode()),
                     f"{docs}/photos.json")
-    plot_photos(docs, results)
+    runner.plot(f"{docs}/photos.png", [
+        (label, results[n]["diff"]) for n, label in (
+            ("class-n0.0", "class text"), ("permuted-n0.0", "permuted"),
+            ("random-n0.0", "random"), ("class-n0.5", "class text\nnoise 0.5"))],
+        "CIFAR-10 photos, final top-1, paired differences (mean ± std)",
+        "minus the baseline of the same seed (p.p.)")
     print(text)
 
 
-def analysis_report(root, data, docs, results):
-    """FFD curves and cross-seed CKA of both data sets: docs/analysis.md and .png."""
+def analysis_report(args, results):
+    """FFD curves and cross-seed CKA of both data sets, beside their floors: docs/analysis.md
+    and .png."""
+    root, data = args.root, args.data
     sets = {"photos": ({"baseline": "baseline-n0.0", "class": "class-n0.0"}, CLEAN_SEEDS,
                        EPOCHS, data, ""),
             "shapes": ({"baseline": "shapes/base-p8-e15-n0.0", "full captions": "shapes/full-n0.0",
                         "baseline, noise 0.5": "shapes/base-p8-e15-n0.5",
                         "full captions, noise 0.5": "shapes/full-n0.5"}, study.SEEDS, 15,
                        "shapes", os.path.join(os.path.dirname(data), "shapes"))}
-    out = {}
+    text, out = "", {}
     for name, (arms, seeds, epochs, d, d_dir) in sets.items():
         images = analysis.validation_images(d, d_dir, 32, 1000)
-        for arm, cell in arms.items():
-            curves = [analysis.ffd_curve(f"{root}/{cell}/seed{s}", epochs) for s in seeds]
-            cka = [analysis.cross_seed_cka(f"{root}/{cell}/seed{a}", f"{root}/{cell}/seed{b}",
-                                           images) for a, b in PAIRS]
-            out[f"{name}: {arm}"] = dict(
-                ffd=np.mean(curves, 0).tolist(), ffd_std=np.std(curves, 0, ddof=1).tolist(),
-                cka={k: float(np.mean([c[k] for c in cka])) for k in cka[0]})
+        out[name] = analysis.arms_analysis(
+            {arm: {s: f"{root}/{cell}/seed{s}" for s in seeds} for arm, cell in arms.items()},
+            images, epochs)
+        base, other = (f"{root}/{cell}/seed0" for cell in list(arms.values())[:2])
+        floors = analysis.floors({"trained - untrained": (base, None),
+                                  f"{' - '.join(list(arms)[:2])}, seed 0": (base, other)}, images)
+        text += f"## {name}\n\n" + analysis.cka_tables(
+            out[name], floors, epochs, "python experiments/photos.py") + "\n"
+        analysis.plot(f"{args.docs}/analysis-{name}.png", out[name], name)
     results["analysis"] = out
-    lines = ["| arm | FFD epoch 1 | FFD at a third | FFD second to last | CKA first 2 blocks | "
-             "CKA last 2 blocks |", "|---|---|---|---|---|---|"]
-    for arm, m in out.items():
-        f, c = m["ffd"], list(m["cka"].values())
-        lines.append(f"| {arm} | {f[0]:.1f} | {f[len(f) // 3 - 1]:.1f} | {f[-2]:.2f} | "
-                     f"{np.mean(c[:4]):.3f} | {np.mean(c[-4:]):.3f} |")
-    text = ("FFD: Fréchet distance of per-class Gaussians of the post-norm CLS features on the "
-            "validation images, each epoch's model to the final one, mean over classes (our "
-            "reading of the paper's measure), mean over seeds. CKA: exact linear CKA between "
-            "two seeds of the same arm, per attention and MLP module, on 1000 validation "
-            "images, mean over seed pairs (0,1), (0,2), (1,2). Written by `python "
-            "experiments/photos.py`.\n\n" + "\n".join(lines) + "\n")
-    cli.save_atomic(lambda f: f.write(text.encode()), f"{docs}/analysis.md")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for arm, m in out.items():
-        ax = axes[0] if arm.startswith("photos") else axes[1]
-        ax.plot(range(1, len(m["ffd"]) + 1), m["ffd"], marker="o", ms=3, label=arm)
-        axes[2].plot(range(len(m["cka"])), list(m["cka"].values()), marker="o", ms=3, label=arm)
-    for ax, title in zip(axes, ("FFD to the final model, photos", "FFD to the final model, "
-                                "shapes", "cross-seed linear CKA (attn, mlp per block)")):
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    axes[0].set_xlabel("epoch"), axes[1].set_xlabel("epoch"), axes[2].set_xlabel("module")
-    fig.tight_layout()
-    cli.save_atomic(lambda f: fig.savefig(f, format="png", dpi=110), f"{docs}/analysis.png")
+    cli.save_atomic(lambda f: f.write(text.encode()), f"{args.docs}/analysis.md")
     print(text)
 
 
-def plot_photos(docs, results):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = ["class-n0.0", "permuted-n0.0", "random-n0.0", "class-n0.5"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(range(len(names)), [results[n]["diff"][0] for n in names],
-           yerr=[results[n]["diff"][1] for n in names], capsize=3)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(names)), ["class text", "permuted", "random", "class text\nnoise 0.5"])
-    ax.set_ylabel("minus the baseline of the same seed (p.p.)")
-    ax.set_title("CIFAR-10 photos, final top-1, paired differences (mean ± std)", fontsize=9)
-    fig.tight_layout()
-    cli.save_atomic(lambda f: fig.savefig(f, format="png", dpi=110), f"{docs}/photos.png")
-
-
-@cli.releasing  # the claim on --root ends with main
 def main(argv=None):
-    p = cli.Parser(description="The planned study on real photos (CIFAR-10's JPEG copy).")
-    p.add_argument("--data", default="data/cifar10-1k", type=cli.path("folder"),
-                   help="an image folder of 32 px photos")
-    p.add_argument("--root", default="runs/photos", type=cli.path("new folder"))
-    p.add_argument("--docs", default="docs", type=cli.path("new folder"))
-    p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=2,
-                   help="processes, one run each at a time")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    need(os.path.isdir(os.path.join(args.data, "train")), f"--data {args.data} has no train/ "
-         "folder: unpack the photos there (see the docstring)")
-    if args.worker:
-        return work(args.root, args.data)
-    cli.lock(cli.writable(args.root), "--root")
-    cli.writable(args.docs)
-    prepare(args.root, args.data)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    argv = ["--data", args.data, "--root", args.root, "--worker"]
-    procs = [subprocess.Popen([sys.executable, __file__, *argv], env=env)
-             for _ in range(args.workers)]
-    need(not any(p.wait() for p in procs), "a worker failed (its message is above); the "
-         "finished runs are kept: run the same command again to continue")
-    report(args.root, args.data, args.docs)
+    return runner.main(sys.modules[__name__], "The planned study on real photos (CIFAR-10's "
+                       "JPEG copy).", argv)
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="every run keeps its last checkpoint: run the same command again "
-            "to continue")
+    runner.run(main)

@@ -15,10 +15,14 @@ and its cells; the rest lives here, once.
     the report the paired-difference table (a cell minus the cell it is paired with, seed by
                seed) and its plot
 
-A study script defines `prepare(args)`, `runs(args)` and `report(args)`, and ends with
+A study script defines ROOT, `prepare(args)`, `runs(args)` and `report(args)`, and
+
+    def main(argv=None):
+        return runner.main(sys.modules[__name__], DESCRIPTION, argv, data=...)
+
 
     if __name__ == "__main__":
-        runner.main(sys.modules[__name__], description, argv=None, data=...)
+        runner.run(main)
 """
 import argparse
 import dataclasses
@@ -46,13 +50,14 @@ from cli import need  # noqa: E402
 class Run:
     """One run of a study. config is a textteacher Config, or a function of nothing that makes
     one once `after` is finished (a fine-tune: --init reads its source); targets a function
-    config -> target source (a control), None for the trainer's own --text; stats records the
-    per-class statistics of every epoch (the FFD of experiments/analysis.py); objective and
-    settings are train()'s seam and what it adds to the arm's identity (compare.run_arm)."""
+    config -> target source (a control), None for the trainer's own --text; on_epoch a
+    function (config, folder) -> train()'s callback, or None (analysis.record_stats records the
+    per-class statistics of every epoch); objective and settings are train()'s seam and what it
+    adds to the arm's identity (compare.run_arm)."""
     folder: str
     config: object
     targets: object = None
-    stats: bool = False
+    on_epoch: object = None
     after: str = ""
     objective: object = None
     settings: dict = None
@@ -61,7 +66,6 @@ class Run:
 def work(runs):
     """Claim and train every run not yet claimed by another worker, in order; a run that starts
     from another waits for that one's export."""
-    import analysis  # the per-epoch statistics; here, not at the top: the study needs none
     for run in runs:
         try:
             cli.lock(run.folder + ".job", "job")
@@ -71,7 +75,7 @@ def work(runs):
             time.sleep(2)
         cfg = run.config() if callable(run.config) else run.config
         targets = run.targets(cfg) if run.targets else None
-        on_epoch = analysis.record_stats(cfg, run.folder) if run.stats else None
+        on_epoch = run.on_epoch(cfg, run.folder) if run.on_epoch else None
         compare.run_arm(cfg, run.folder, targets, on_epoch, run.objective, run.settings)
         cli.release(run.folder + ".job")
 
@@ -80,7 +84,10 @@ def stop_with_parent():
     """In a worker: stop as on SIGTERM once the study that started it has ended, however it
     ended (its end closes the pipe on our stdin). The study's own signals reach us first."""
     def watch():
-        sys.stdin.buffer.read()  # returns at EOF: the study is gone
+        # os.read, not sys.stdin: a daemon thread inside Python's buffered reader at the
+        # worker's own end would abort the interpreter (it holds the reader's lock)
+        while os.read(0, 4096):  # b"" at EOF: the study is gone
+            pass
         os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=watch, daemon=True).start()
 
@@ -131,6 +138,8 @@ def main(study, description, argv=None, data="data/cifar10-1k", add_arguments=No
     # processes of one CPU thread each: one per core is the most that gains
     p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=2,
                    help="processes, one run each at a time")
+    p.add_argument("--report", action="store_true", help="write the report of the runs "
+                   "finished so far, and train nothing")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     if add_arguments:
         add_arguments(p)
@@ -139,40 +148,42 @@ def main(study, description, argv=None, data="data/cifar10-1k", add_arguments=No
         stop_with_parent()
         return work(study.runs(args))
     cli.lock(cli.writable(args.root), "--root")
-    cli.writable(args.docs)  # where the results go, and what draws them, checked first
-    need(importlib.util.find_spec("matplotlib"), "the study draws its plot with matplotlib, "
-         "which is optional: pip install matplotlib")
-    study.prepare(args)
-    start_workers(study.__file__, argv if argv is not None else sys.argv[1:], args.workers)
+    cli.writable(args.docs)  # where the results go, checked before the runs
+    if not args.report:
+        study.prepare(args)
+        start_workers(study.__file__, argv if argv is not None else sys.argv[1:], args.workers)
     study.report(args)
 
 
-def run(study, description, **kwargs):
-    """A study's `if __name__ == "__main__"`: main through cli.run, whose line after a signal
-    says how to continue."""
-    cli.run(lambda argv: cli.releasing(main)(study, description, argv, **kwargs),
-            interrupted="every run keeps its last checkpoint: run the same command again to "
-            "continue")
+def run(main):
+    """A study's `if __name__ == "__main__"`: its main through cli.run, whose line after a
+    signal says how to continue; the claims main makes (--root) end with it."""
+    cli.run(cli.releasing(main), interrupted="every run keeps its last checkpoint: run the same "
+            "command again to continue")
 
 
 # ----------------------------------------------------------------------------
 # The report: final top-1 per cell, paired differences, the plot
 
-def final(folder, key="top1"):
-    """The last epoch's value of a finished run."""
-    return compare.read_metrics(folder)[-1][key]
+def finals(folders, epochs, key="top1"):
+    """{seed: the last epoch's value} of the runs {seed: folder} that have finished: a study
+    reports what it has, and says how many seeds each number rests on."""
+    return {seed: compare.read_metrics(f)[-1][key] for seed, f in folders.items()
+            if compare.finished(f, epochs)}
 
 
 def paired_row(name, labels, values, base=None):
-    """A markdown table row and its numbers: mean ± std of values over the seeds, and, with
-    base (the same seeds' values of the cell it is paired with), of the paired difference and
-    how many seeds it is positive for."""
-    mean = compare.mean_std(values)
-    out = dict(values=list(values), mean=mean)
+    """A markdown table row and its numbers, from {seed: value}: the mean ± std over the
+    seeds, and, with base (the values of the cell it is paired with), the mean ± std of the
+    paired difference over the seeds both have, and for how many of them it is positive."""
+    mean = compare.mean_std(list(values.values())) if values else (float("nan"),) * 2
+    out = dict(values=values, mean=mean)
     diff = ""
     if base is not None:
-        d = np.subtract(values, base)
-        out.update(diff=compare.mean_std(d), positive=int((d > 0).sum()))
+        seeds = sorted(values.keys() & base.keys())
+        d = np.array([values[s] - base[s] for s in seeds])
+        out.update(diff=compare.mean_std(d) if len(d) else (float("nan"),) * 2, seeds=seeds,
+                   positive=int((d > 0).sum()))
         diff = "**{:+.2f} ± {:.2f}** ({} of {})".format(*out["diff"], out["positive"], len(d))
     line = f"| {name} | {labels} | {len(values)} | {mean[0]:.2f} ± {mean[1]:.2f} | {diff} |"
     return line, out
@@ -180,6 +191,12 @@ def paired_row(name, labels, values, base=None):
 
 TABLE_HEAD = ["| cell | labels | seeds | top-1 | paired difference (seeds positive) |",
               "|---|---|---|---|---|"]
+
+
+def need_matplotlib():
+    """A study that draws its plot calls this in prepare(): before hours of runs, not after."""
+    need(importlib.util.find_spec("matplotlib"), "the study draws its plot with matplotlib, "
+         "which is optional: pip install matplotlib")
 
 
 def plot(path, bars, title, ylabel="paired difference of final top-1 (p.p.)"):

@@ -41,14 +41,10 @@ sign. If another cell shows a positive mean difference larger than its std, the 
 it as the second command; if no cell does, the README says so.
 """
 
-import argparse
 import dataclasses
-import importlib.util
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,10 +52,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import cli  # noqa: E402
 import compare  # noqa: E402
+import runner  # noqa: E402
 import shapes  # noqa: E402
 import textteacher as tt  # noqa: E402
-from cli import need  # noqa: E402
+from runner import Run  # noqa: E402
 
+ROOT = "runs/study"
 SEEDS = (0, 1, 2)
 BASE = dict(patch_size=8, epochs=15, lambda_schedule="constant", captions="full")
 CELLS = {  # name: (changes to BASE, label noises)
@@ -72,7 +70,7 @@ CELLS = {  # name: (changes to BASE, label noises)
 }
 
 
-def runs(root):
+def grid(root):
     """Every run of the grid as (folder, config changes, caption variant, control), baselines
     shared by the cells with the same patch, length, noise and seed; costliest first."""
     out = {}
@@ -99,8 +97,10 @@ def runs(root):
     return sorted(out.items(), key=lambda item: -order(item) if order(item) == 1 else order(item))
 
 
-def prepare(root, data):
+def prepare(args):
     """The shapes set and one embeddings file per caption variant (train and val captions)."""
+    runner.need_matplotlib()
+    root, data = args.root, args.data
     if not os.path.isdir(os.path.join(data, "train")):
         shapes.main(["--out", data])
     attrs = {split: shapes.draw(n, seed)[2] for split, (n, seed) in shapes.SPLITS.items()}
@@ -111,24 +111,34 @@ def prepare(root, data):
             shapes.embed(attrs, paths, out, variant)
 
 
-def work(root, data, worker, workers):
-    """This worker's share of the runs (every workers-th, costliest first)."""
-    cfg, _ = tt.parse_config(["--data", "shapes", "--data-dir", data, "--threads", "1"])
-    for folder, (changes, captions) in runs(root)[worker::workers]:
+def shuffled(cfg):
+    """The full captions, each given to another image (compare.Shuffled, seeded by the run)."""
+    keys, classes = tt.image_split("shapes", cfg.data_dir, "train")[1:]
+    return compare.Shuffled(tt.TextTargets(cfg.text, keys, classes), cfg.seed)
+
+
+def runs(args):
+    """Every run of the grid as the runner's Run, costliest first; the TextTeacher runs with
+    the alignment of their last epoch to the full validation captions."""
+    cfg, _ = tt.parse_config(["--data", "shapes", "--data-dir", args.data, "--threads", "1"])
+    full = os.path.join(args.root, "text-full.pt")
+    out = []
+    for folder, (changes, captions) in grid(args.root):
         run = dataclasses.replace(cfg, **changes)
-        targets, on_epoch = None, None
-        if captions:
-            variant = "full" if captions == "shuffled" else captions
-            run = dataclasses.replace(run, text=os.path.join(root, f"text-{variant}.pt"))
-            if captions == "shuffled":
-                keys, classes = tt.image_split("shapes", data, "train")[1:]
-                targets = compare.Shuffled(tt.TextTargets(run.text, keys, classes), run.seed)
-            on_epoch = compare.alignment(run, os.path.join(root, "text-full.pt"))
-        compare.run_arm(run, os.path.join(root, folder), targets, on_epoch)
+        if not captions:
+            out.append(Run(os.path.join(args.root, folder), run))
+            continue
+        variant = "full" if captions == "shuffled" else captions
+        run = dataclasses.replace(run, text=os.path.join(args.root, f"text-{variant}.pt"))
+        out.append(Run(os.path.join(args.root, folder), run,
+                       shuffled if captions == "shuffled" else None,
+                       lambda cfg, folder: compare.alignment(cfg, full)))
+    return out
 
 
-def report(root, docs):
+def report(args):
     """docs/study.md and docs/study.png from the finished runs."""
+    root, docs = args.root, args.docs
     rows = []
     for name, (changes, noises) in CELLS.items():
         cell = {**BASE, **changes}
@@ -210,62 +220,10 @@ def report(root, docs):
     print("\n".join(lines))
 
 
-@cli.releasing  # the claim on --root ends with main
 def main(argv=None):
-    p = cli.Parser(description="The planned study of when the text helps.")
-    p.add_argument("--root", default="runs/study", type=cli.path("new folder"))
-    p.add_argument("--data", default="data/shapes", type=cli.path("new folder"),
-                   help="the shapes set (drawn there if absent)")
-    p.add_argument("--docs", default="docs", type=cli.path("new folder"))
-    # processes of one CPU thread each: more than the 30 runs gains nothing
-    p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=2,
-                   help="processes, one run each at a time")
-    p.add_argument("--worker", type=cli.number(int, "[-1, 63]"), default=-1,
-                   help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    need(args.worker < args.workers, f"--worker {args.worker} is not one of the {args.workers} "
-         "--workers")
-    if args.worker >= 0:  # a worker of the study below, which holds the claim on --root
-        return work(args.root, args.data, args.worker, args.workers)
-    # One study per root: a second one would start the same runs, refused by the trainer one
-    # by one in the middle of its work; its workers claim each run folder as they train it.
-    cli.lock(cli.writable(args.root), "--root")
-    # where the results go, and what draws them, checked before an hour of runs
-    cli.writable(args.docs)
-    need(importlib.util.find_spec("matplotlib"), "the study draws docs/study.png with "
-         "matplotlib, which is optional: pip install matplotlib")
-    prepare(args.root, args.data)
-    run_workers(args)
-    report(args.root, args.docs)
-
-
-def run_workers(args):
-    """The workers as processes of their own, one CPU thread each. A worker that fails ends
-    the study in one line: its own (a worker's input error), else its whole output (a bug)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    argv = ["--root", args.root, "--data", args.data, "--workers", str(args.workers)]
-    logs = [tempfile.TemporaryFile("w+", encoding="utf-8") for _ in range(args.workers)]
-    procs = [
-        subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(i)], env=env,
-                         stderr=log)
-        for i, log in enumerate(logs)
-    ]
-    codes = [p.wait() for p in procs]
-    for i, (code, log) in enumerate(zip(codes, logs)):
-        log.seek(0)
-        text = log.read().strip()
-        last = text.splitlines()[-1] if text else ""
-        if code and last.startswith("error: "):
-            e = tt.UserError(f"{last[len('error: '):]} (study worker {i}; the finished runs are "
-                             "kept: run the same command again to continue)")
-            e.code = code
-            raise e
-        if text:  # notes, warnings, or a bug's traceback: as the worker wrote them
-            print(text, file=sys.stderr)
-        if code:
-            sys.exit(code)
+    return runner.main(sys.modules[__name__], "The planned study of when the text helps.", argv,
+                       data="data/shapes")
 
 
 if __name__ == "__main__":
-    cli.run(main, interrupted="every run keeps its last checkpoint: run the same command again "
-            "to continue")
+    runner.run(main)

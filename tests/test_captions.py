@@ -99,7 +99,8 @@ def test_cka_of_models_of_different_depth_is_one_line(tmp_path):
 # The study's controls
 
 def test_masking_replaces_every_class_word_and_nothing_else():
-    assert captions.mask("A Plane, two planes and a jet-ski") == "A thing, two thing and a thing-ski"
+    assert captions.mask("A Plane, two planes and a jet-ski") == (
+        "A thing, two thing and a thing-ski")
     assert captions.mask("the catalog of a scattered category") == (
         "the catalog of a scattered category")  # whole words only
     assert captions.mask("Puppies near the DOG's boat") == "thing near the thing's thing"

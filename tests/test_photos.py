@@ -332,33 +332,37 @@ def test_the_study_pairs_each_arm_with_the_baseline_of_its_seed(tmp_path):
     sources; the FFD statistics are recorded for the two arms the analysis reads; the shapes
     cells are experiments/features.py's source runs, folder and settings, so either script
     reuses the other's runs."""
+    import argparse
     import dataclasses
     import features
     root, data = str(tmp_path / "runs"), str(tmp_path / "data" / "photos")
     for made in (data, f"{root}/data-source", f"{root}/data-target"):  # what prepare() makes
         os.makedirs(made)
-    jobs = {folder: rest for folder, *rest in photos.jobs(root, data)}
+    runs = {r.folder: r for r in photos.runs(argparse.Namespace(root=root, data=data))}
     settings = {}
-    for folder, (cfg, make, stats, source) in jobs.items():
-        if cfg is None:  # a fine-tune: made once its source has finished
-            assert folder.startswith(f"{root}/finetune/") and (source is None) == (
+    for folder, r in runs.items():
+        if callable(r.config):  # a fine-tune: made once its source has finished
+            assert folder.startswith(f"{root}/finetune/") and (r.after == "") == (
                 "scratch" in folder)
+            assert r.config.args[-1] == r.after  # from its source
             continue
+        cfg = r.config
         same = dataclasses.asdict(dataclasses.replace(cfg, text="", text_loss_lambda=0.5))
         settings.setdefault((os.path.dirname(os.path.dirname(folder)), cfg.seed,
                              cfg.label_noise, cfg.data), []).append(same)
         arm = os.path.basename(os.path.dirname(folder)).split("-")[0]
         assert (cfg.text_loss_lambda == 0) == (arm in ("baseline", "base"))
-        assert make is {"permuted": photos.Permuted, "random": photos.RandomClass}.get(arm)
-        assert stats == (arm in ("baseline", "class", "base", "full") and (
-            "/shapes/" in folder or "-n0.0/" in folder))
+        assert (r.targets is None) == (arm not in ("permuted", "random"))
+        assert (r.on_epoch is analysis.record_stats) == (
+            arm in ("baseline", "class", "base", "full") and ("/shapes/" in folder
+                                                              or "-n0.0/" in folder))
     assert all(len({json.dumps(s, sort_keys=True) for s in group}) == 1
                for group in settings.values())
-    clean = [f for f in jobs if "-n0.0/" in f and "shapes" not in f]
-    assert len(clean) == 4 * 5 and len([f for f in jobs if "-n0.5/" in f and "shapes" not in f
+    clean = [f for f in runs if "-n0.0/" in f and "shapes" not in f]
+    assert len(clean) == 4 * 5 and len([f for f in runs if "-n0.5/" in f and "shapes" not in f
                                         ]) == 2 * 3
     shapes_data = os.path.join(os.path.dirname(data), "shapes")
     shared = {folder: cfg for folder, cfg, _ in features.jobs(f"{root}/shapes", shapes_data)}
-    for folder, (cfg, *_) in jobs.items():
+    for folder, r in runs.items():
         if "/shapes/" in folder:
-            assert dataclasses.asdict(cfg) == dataclasses.asdict(shared[folder]), folder
+            assert dataclasses.asdict(r.config) == dataclasses.asdict(shared[folder]), folder

@@ -40,6 +40,7 @@ import compare  # noqa: E402
 import export as export_tool  # noqa: E402
 import plot  # noqa: E402
 import shapes  # noqa: E402
+import runner  # noqa: E402
 import study  # noqa: E402
 
 assert folder and blip  # fixtures, used by name
@@ -642,11 +643,9 @@ def test_run_arm_keeps_the_settings_of_a_new_arm_beside_it(tmp_path, monkeypatch
 def test_a_failed_study_worker_is_one_line(tmp_path, monkeypatch):
     """A worker of the study that fails on an input error: the study ends in that one line
     (with the worker's exit code), not in the worker's line and one of its own."""
-    import argparse
     worker = tmp_path / "worker.py"
     worker.write_text("import sys\nprint('error: no data here', file=sys.stderr)\nsys.exit(2)\n")
-    monkeypatch.setattr(study, "__file__", str(worker))
     with pytest.raises(UserError) as e:
-        study.run_workers(argparse.Namespace(root="r", data="d", workers=2))
-    assert str(e.value) == ("no data here (study worker 0; the finished runs are kept: run the "
-                            "same command again to continue)") and e.value.code == 2
+        runner.start_workers(str(worker), [], 2)
+    assert str(e.value) == ("no data here (worker 0; the finished runs are kept: run the same "
+                            "command again to continue)") and e.value.code == 2
