@@ -384,8 +384,8 @@ def parse_args(argv=None):
     p.add_argument("--data", type=cli.path("folder", names=tuple(DATA_DIRS)),
                    help="--classes: cifar10, cifar100, imagenet, shapes, PATH; --captions: the "
                    "image folder whose paths key the table (its val/ rows: validation captions)")
-    p.add_argument("--columns", type=cli.names(2, "KEY,CAPTION"), help="KEY,CAPTION: the table's columns of the "
-                   "image (its path below --data) and of its caption (default key,caption)")
+    p.add_argument("--columns", type=cli.names(2, "KEY,CAPTION"), help="the table's columns "
+                   "of the image (its path below --data) and of its caption (default key,caption)")
     p.add_argument("--val-captions", type=cli.path("file"),
                    help="validation captions, stored as val_keys/val_embeddings")
     p.add_argument("--data-dir", type=cli.path("new folder"),  # CIFAR is downloaded into it

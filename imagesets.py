@@ -32,6 +32,7 @@ import posixpath
 import sys
 
 import numpy as np
+import PIL.features
 import PIL.Image
 import torch
 import torchvision
@@ -53,24 +54,131 @@ TRANSFER_PRESETS = {name: dict(data_dir="data", batch_size=256, lr=3e-4,
                                epochs=100 if name == "food101" else 300) for name in TRANSFER}
 
 
+# ----------------------------------------------------------------------------
+# What an image folder holds: one rule, for the trainer, the recipe's size detection, the
+# captioner and the caption keys (scan below)
+
+# The formats PIL opens (torchvision's list, and GIF; AVIF where Pillow was built with it)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif",
+                    ".tiff", ".webp", *[".avif"] * PIL.features.check("avif"))
+# Photos in formats PIL cannot read: refused, not skipped (a class would silently lose them)
+UNREADABLE = {".heic": "an HEIC photo", ".heif": "an HEIF photo", ".avif": "an AVIF image",
+              **{e: "a camera RAW file" for e in (".cr2", ".cr3", ".nef", ".arw", ".dng",
+                                                  ".raf", ".orf", ".rw2")}}
+# What systems, file managers, notebooks, sync tools and NAS boxes leave in folders, besides
+# the hidden entries whose names start with a dot (.DS_Store, ._IMG_1.jpg, .ipynb_checkpoints,
+# .git, .Trashes) and editors' backups (name~): skipped
+SYSTEM = {"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx", "@eadir", "#recycle",
+          "$recycle.bin", "system volume information", "lost+found"}
+
+
+def hidden(name):
+    return name.startswith(".") or name.endswith("~") or name.lower() in SYSTEM
+
+
+def skipped_kind(name):
+    """Why a file of an image folder is not an image to read ("hidden or system", "not an
+    image"), or None for an image; a photo PIL cannot read is a one-line refusal."""
+    if hidden(name):
+        return "hidden or system"
+    ext = os.path.splitext(name)[1].lower()
+    need(ext in IMAGE_EXTENSIONS or ext not in UNREADABLE, f"{name} is {UNREADABLE.get(ext)}, "
+         "which PIL cannot read: convert it to JPEG or PNG, or move it out of the folder")
+    return None if ext in IMAGE_EXTENSIONS else "not an image"
+
+
+def scan(root, say=True):
+    """(samples [(path, class index)], classes) of an image folder root/CLASS/...: the classes
+    are the sub-folders of root in sorted order, the samples every image below each (in
+    sub-folders too, in ImageFolder's order); hidden, system and other files are skipped and
+    counted in one line; a link that loops back, a broken link and an empty image file are
+    refused in one line naming them, as is a class folder without an image. say: print the
+    line of what was skipped."""
+    skipped, samples = {}, []
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    classes = [e.name for e in entries if e.is_dir() and not hidden(e.name)]
+    for e in entries:
+        if e.name not in classes:
+            kind = "hidden or system" if hidden(e.name) else "not a folder"
+            skipped.setdefault(kind, []).append(e.path)
+    for c, name in enumerate(classes):
+        found, open_dirs = [], set()
+
+        def walk(folder):
+            real = os.path.realpath(folder)
+            need(real not in open_dirs, f"{folder} is a link to a folder that holds it (a "
+                 "loop): remove the link")
+            open_dirs.add(real)
+            for e in sorted(os.scandir(folder), key=lambda e: e.name):
+                need(os.path.exists(e.path), f"{e.path} is a broken link: remove it")
+                kind = ("hidden or system" if hidden(e.name) else None) if e.is_dir() else (
+                    skipped_kind(e.name))
+                if kind:
+                    skipped.setdefault(kind, []).append(e.path)
+                elif e.is_dir():
+                    walk(e.path)
+                else:
+                    need(e.stat().st_size > 0, undecodable(e.path, "empty: 0 bytes"))
+                    found.append(e.path)
+            open_dirs.discard(real)
+        walk(os.path.join(root, name))
+        need(found, f"{os.path.join(root, name)} holds no image ({', '.join(IMAGE_EXTENSIONS)}):"
+             " a class needs one or more")
+        # ImageFolder's order: by folder (sorted(os.walk(...))), then by name
+        samples += [(p, c) for p in sorted(found, key=lambda p: os.path.split(p))]
+    if skipped and say:
+        print(f"note: {root}: skipped " + ", ".join(
+            f"{len(v)} {k} ({', '.join(os.path.basename(p) for p in v[:2])})"
+            for k, v in skipped.items()), file=sys.stderr)
+    return samples, classes
+
+
+class Folder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder, its classes and samples by scan()."""
+
+    def find_classes(self, directory):
+        samples, classes = scan(directory)
+        self._scanned = samples
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, *args, **kwargs):
+        return self._scanned
+
+
 def rgb(path):
-    """ImageFolder's loader, but a 16-bit image (grey levels up to 65535) scaled to 8 bits:
-    converted as it is, it would be clipped to an almost white image."""
-    with PIL.Image.open(path) as image:
-        wide = image.mode.startswith("I")  # I;16 (PNG) or I (32-bit)
-        return (image.convert("I").point(lambda v: v / 257) if wide else image).convert("RGB")
+    """An image file as an 8-bit RGB PIL image, whatever its mode, not clipped to an almost
+    white image: integer grey levels (I;16, I) as 16-bit ones (/ 257; beyond 65535 by the
+    image's maximum), float ones (F) as intensities in [0, 1] (as tifffile and OpenCV write
+    them), in [0, 255], or beyond by their maximum; a palette, an alpha channel or CMYK
+    converted as PIL does; the first frame of an animation. An image past PIL's guard against
+    decompression bombs (about 179 million pixels) is one line."""
+    try:
+        with PIL.Image.open(path) as image:
+            if image.mode == "F" or image.mode.startswith("I"):  # F, I, I;16, I;16B
+                top = image.getextrema()[1]
+                scale = ((255 if top <= 1 else 1 if top <= 255 else 255 / top) if image.mode == "F"
+                         else 1 / 257 if top <= 65535 else 255 / top)
+                image = image.convert("F").point(lambda v: v * scale)
+            return image.convert("RGB")
+    except PIL.Image.DecompressionBombError as e:
+        raise UserError(f"{path} is too large to decode safely ({e}): downscale it") from None
+
+
+def undecodable(name, error):
+    """The line for an image that cannot be decoded, with advice that works: deleting it
+    changes the training set, which --resume refuses (a new run takes it)."""
+    return (f"cannot decode image {name} ({error}); replace it, or delete it and start a new "
+            "run (--resume refuses a changed training set)")
 
 
 def recipe_of(folder):
     """The preset an image folder gets without --preset: "small" (the CPU recipe for 32 px
-    photos) when its first training image is at most 64 px on its longer side, else "imagenet"
-    (the paper's recipe, 224 px); a folder that cannot be read gets the latter, and its error
-    comes where the data are read."""
-    root = os.path.join(folder, "train")
-    with contextlib.suppress(OSError, ValueError):  # ValueError: min() of an empty folder
-        first = os.path.join(root, min(d for d in os.listdir(root)
-                                       if os.path.isdir(os.path.join(root, d))))
-        with PIL.Image.open(os.path.join(first, min(os.listdir(first)))) as image:
+    photos) when its first training image (by scan's rule) is at most 64 px on its longer
+    side, else "imagenet" (the paper's recipe, 224 px); a folder that cannot be read gets the
+    latter, and its error comes where the data are read."""
+    with contextlib.suppress(OSError, UserError, PIL.UnidentifiedImageError, StopIteration):
+        first = next(path for path, _ in scan(os.path.join(folder, "train"), say=False)[0])
+        with PIL.Image.open(first) as image:
             return "small" if max(image.size) <= 64 else "imagenet"
     return "imagenet"
 
@@ -126,8 +234,8 @@ def image_split(data, data_dir, split, protocol="official"):
 
 def image_folder(root):
     """An image folder's split: root/CLASS/IMAGE, classes in sorted order."""
-    try:  # rgb: ImageFolder's loader, but 16-bit images scaled, not clipped
-        ds = torchvision.datasets.ImageFolder(root, loader=rgb)
+    try:  # rgb: ImageFolder's loader, but 16-bit and float images scaled, not clipped
+        ds = Folder(root, loader=rgb)
     except OSError as e:
         raise UserError(f"{root}: {e}; a data folder holds train/ and val/ with one sub-folder "
                         "of images per class") from None

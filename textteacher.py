@@ -263,7 +263,7 @@ class Samples(Dataset):
             image = self.dataset[i][0]
         except OSError as e:
             name = self.dataset.samples[i][0] if hasattr(self.dataset, "samples") else i
-            raise UserError(f"cannot decode image {name} ({e}); delete or replace it") from None
+            raise UserError(imagesets.undecodable(name, e)) from None
         if self.transform is None:
             x = TF.pil_to_tensor(TF.resize(image, self.size, T.InterpolationMode.BICUBIC))
             return TF.center_crop(x, [self.size, self.size]), self.labels[i], i

@@ -345,7 +345,8 @@ def decode_error(path):
     try:
         imagesets.rgb(path)
     except Exception as e:
-        return f"error: cannot decode image {path} ({e}); delete or replace it"
+        return (f"error: cannot decode image {path} ({e}); replace it, or delete it and start a "
+                "new run (--resume refuses a changed training set)")
     raise AssertionError(f"{path} opened")
 
 
@@ -490,9 +491,8 @@ def test_a_class_folder_without_images(tmp_path, capsys):
     os.makedirs(os.path.join(root, "train", "zebra"))
     open(os.path.join(root, "train", "zebra", "notes.txt"), "w").close()
     line = fails(capsys, tiny_run(root, tmp_path, "--name", "r"))
-    assert line.startswith(f"error: {root}/train: Found no valid file for the classes zebra.")
-    assert line.endswith("; a data folder holds train/ and val/ with one sub-folder of images "
-                         "per class")
+    assert line.startswith(f"error: {root}/train/zebra holds no image (.jpg, .jpeg, .png, ")
+    assert line.endswith("): a class needs one or more")
     assert not os.path.exists(tmp_path / "r")
 
 
