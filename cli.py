@@ -246,6 +246,9 @@ def read_text(path):
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} in position "
                         f"{e.start}): save it as UTF-8") from None
+    # NUL is valid UTF-8 but in no text: UTF-16 without its byte-order mark reads so
+    need("\0" not in text, f"{path} holds NUL bytes (UTF-16 without a byte-order mark?): save "
+         "it as UTF-8")
     return text.replace("\r\n", "\n").replace("\r", "\n"), raw
 
 

@@ -113,7 +113,8 @@ class Config:
                     "export/; the ViT's size and patch come from it",
                     cli.path("file or folder", names=("",)))
     model: str = opt("small", "ViT size (MODEL_SIZES in textteacher.py)", tuple(MODEL_SIZES))
-    img_size: int = opt(224, "input resolution in pixels", "[1, 16384]")
+    # 5 px at least: the padded crop reflects 4 px, which needs a side of 5 or more
+    img_size: int = opt(224, "input resolution in pixels", "[5, 16384]")
     patch_size: int = opt(16, "patch side in pixels", "[1, 1024]")
     layer_scale: float = opt(1e-4, "LayerScale init of both residual branches", POSITIVE)
     drop_path: float = opt(0.05, "stochastic depth of the last block (0 in the first)", UNIT)

@@ -143,7 +143,9 @@ def timed(function, inputs):
 def main(argv=None):
     p = cli.Parser(description="The input pipeline per CPU core, against DeiT III's.")
     pixels = cli.number(int, "[1, 4096]")  # a side in pixels: a 4096 px photo is 50 MB decoded
-    p.add_argument("--size", type=pixels, default=224, help="the training resolution S")
+    # 5 px at least: the crop reflects 4 px of padding, which needs a side of 5 or more
+    p.add_argument("--size", type=cli.number(int, "[5, 4096]"), default=224,
+                   help="the training resolution S")
     p.add_argument("--width", type=pixels, default=500, help="the JPEGs' width")
     p.add_argument("--height", type=pixels, default=375, help="the JPEGs' height")
     p.add_argument("--images", type=cli.number(int, "[1, 4096]"), default=40,

@@ -112,12 +112,36 @@ def record_stats(cfg, folder):
     return on_epoch
 
 
-def ffd_curve(folder, epochs):
-    """[FFD(epoch e, epoch E) for e = 1..E] of a run trained with record_stats."""
+def read_stats(path):
+    """The class Gaussians (means [C, D], covariances [C, D, D]) of one epoch's file, checked:
+    missing, torn, or not record_stats' (another kind, another shape) is one line."""
+    try:
+        stats = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise cli.UserError(f"{path} is missing: train the run again with "
+                            "experiments/analysis.record_stats (the studies do)") from None
+    except Exception as e:  # a torn zip, or not torch's format
+        raise cli.UserError(f"{path} is damaged ({type(e).__name__}): delete {path} and "
+                            "train the run again with analysis.record_stats") from None
+    ok = (isinstance(stats, tuple) and len(stats) == 2 and stats[0].ndim == 2
+          and stats[1].shape == (*stats[0].shape, stats[0].shape[1]))
+    need(ok, f"{path} holds no class statistics of record_stats (or of another model): delete "
+         "it and train the run again")
+    return stats
+
+
+def ffd_curve(folder, epochs=None):
+    """[FFD(epoch e, epoch E) for e = 1..E] of a run trained with record_stats; E is the run's
+    own number of epochs (its config.json), which every statistics file must be there for."""
     path = folder + ".ffd"
-    need(os.path.exists(f"{path}/epoch{epochs}.pt"), f"{path} has no statistics of epoch "
-         f"{epochs}: train the run with experiments/analysis.record_stats (photos.py does)")
-    stats = [torch.load(f"{path}/epoch{e}.pt", weights_only=True) for e in range(1, epochs + 1)]
+    if epochs is None:
+        config = cli.json_or(os.path.join(folder, "config.json"), {})
+        need(isinstance(config.get("epochs"), int), f"{folder}/config.json is missing or "
+             "damaged: the run's number of epochs is unknown")
+        epochs = config["epochs"]
+    stats = [read_stats(f"{path}/epoch{e}.pt") for e in range(1, epochs + 1)]
+    need(all(s[0].shape == stats[-1][0].shape for s in stats), f"{path} holds statistics of "
+         "models of different widths or class counts: delete it and train the run again")
     return [ffd(s, stats[-1]) for s in stats]
 
 
@@ -313,8 +337,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.measure == "ffd":
         for run in args.runs:
-            epochs = len(os.listdir(run + ".ffd")) if os.path.isdir(run + ".ffd") else 0
-            curve = ffd_curve(run, max(epochs, 1))
+            curve = ffd_curve(run)
             print(f"{run}: " + " ".join(f"{v:.2f}" for v in curve))
         return
     need(len(args.runs) == 2 and args.data, "cka compares two runs on --data's validation "

@@ -166,10 +166,18 @@ def run(main):
 # The report: final top-1 per cell, paired differences, the plot
 
 def finals(folders, epochs, key="top1"):
-    """{seed: the last epoch's value} of the runs {seed: folder} that have finished: a study
-    reports what it has, and says how many seeds each number rests on."""
-    return {seed: compare.read_metrics(f)[-1][key] for seed, f in folders.items()
-            if compare.finished(f, epochs)}
+    """{seed: the last epoch's value} of the runs {seed: folder} that have finished (exported):
+    a study reports what it has, and says how many seeds each number rests on. A finished
+    run's metrics.jsonl must hold every epoch: a damaged one is one line, not a seed left
+    out."""
+    out = {}
+    for seed, f in folders.items():
+        if os.path.exists(os.path.join(f, "export", "config.json")):
+            records = compare.read_metrics(f)
+            need(len(records) >= epochs, f"{f}/metrics.jsonl holds {len(records)} of the run's "
+                 f"{epochs} epochs: delete {f} and run the study again")
+            out[seed] = records[-1][key]
+    return out
 
 
 def paired_row(name, labels, values, base=None):

@@ -17,9 +17,11 @@ from common import CHEAP, ROOT, base_args, run, snapshot
 from common import folder  # noqa: F401  (a fixture)
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import analysis  # noqa: E402
 import caption_embed  # noqa: E402
 import cli  # noqa: E402
 import features  # noqa: E402
+import runner  # noqa: E402
 import shapes  # noqa: E402
 import transfer  # noqa: E402
 
@@ -88,6 +90,13 @@ KINDS = {
                                       f"{d}/new.pt"]))),
     "shapes attributes (features.py)": ("shapes/attributes_train.jsonl", lambda f, d: (
         lambda _: features.attributes("train", f"{d}/shapes"))),
+    "FFD statistics (analysis.py ffd)": ("r.ffd/epoch1.pt", lambda f, d: (
+        lambda _: analysis.main(["ffd", f"{d}/r"]))),
+    "a study's run (runner.finals)": ("arms/seed0-baseline/metrics.jsonl", lambda f, d: (
+        lambda _: runner.finals({0: f"{d}/arms/seed0-baseline"}, 1))),
+    "caption table (caption_embed.py --columns)": ("table.tsv", lambda f, d: (
+        lambda _: caption_embed.main(["--captions", f"{d}/table.tsv", "--columns",
+                                      "path,caption", "--data", f[0], "--out", f"{d}/new.pt"]))),
     "class names (caption_embed.py)": ("names.txt", lambda f, d: (
         lambda _: caption_embed.main(["--classes", "--data", f[0], "--class-names",
                                       f"{d}/names.txt", "--out", f"{d}/new.pt"]))),
@@ -102,8 +111,9 @@ def attribute_lines():
 
 
 def prepare(trained, case):
-    """The case folder: the trained run, its embeddings file, a compare.py-like folder of one
-    arm, a caption file and a class-name file."""
+    """The case folder: the trained run with its FFD statistics, its embeddings file, a
+    compare.py-like folder of one arm, a caption file, a caption table and a class-name
+    file."""
     folder, out = trained
     shutil.copytree(out / "r", case / "r")
     shutil.copy(folder[1], case / "text.pt")
@@ -112,6 +122,13 @@ def prepare(trained, case):
     (case / "captions.txt").write_text("".join(f"a_train_{i:03d}.png:\ta small picture number "
                                                f"{i}\n" for i in range(40)))
     (case / "names.txt").write_text("a\tapple\nb\tbanana\nc\tcherry\n")
+    (case / "table.tsv").write_text("path\tlabel\tcaption\n" + "".join(  # the whole folder's
+        f"{s}/{c}/{c}_{s}_{i:03d}.png\t{c}\ta small picture number {i}\n"
+        for s, n in (("train", 64), ("val", 11)) for c in "abc" for i in range(n)))
+    g = torch.Generator().manual_seed(0)  # one epoch's class statistics, as record_stats saves
+    feats, labels = torch.randn(30, 4, generator=g), torch.arange(30) % 3
+    os.makedirs(case / "r.ffd")
+    torch.save(analysis.class_gaussians(feats, labels, 3), case / "r.ffd" / "epoch1.pt")
     (case / "captions.txt.json").write_text(json.dumps(dict(model="a captioner", num_beams=3)))
     os.makedirs(case / "shapes")  # the shapes set's attribute file, as experiments/shapes.py
     (case / "shapes" / "attributes_train.jsonl").write_text(attribute_lines())  # writes it
@@ -134,3 +151,16 @@ def test_a_damaged_file_is_one_line_naming_it(trained, tmp_path, capsys, kind, d
     assert str(path) in err or str(path.parent) in err, err  # names the file (or its folder)
     after = snapshot(case)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing changed
+
+
+def test_ffd_of_a_run_with_an_epoch_missing_is_one_line(trained, tmp_path, capsys):
+    """Statistics of every epoch but the last: refused in one line naming the missing file,
+    never a curve measured against the wrong final model."""
+    case = tmp_path / "case"
+    prepare(trained, case)
+    config = json.loads((case / "r" / "config.json").read_text())
+    (case / "r" / "config.json").write_text(json.dumps(dict(config, epochs=2)))
+    code = invoke(lambda _: analysis.main(["ffd", f"{case}/r"]), None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: {case}/r.ffd/epoch2.pt is missing: train the run "
+                                 "again with experiments/analysis.record_stats (the studies do)"]

@@ -1,8 +1,10 @@
 """
-Ctrl-C at any moment of textteacher.py: while it imports, in the first epoch (no checkpoint
-yet), in a later epoch, and inside the writing of a checkpoint. Each ends in one line and exit
-code 130, leaves the previous checkpoint whole, and its advice, followed, finishes the run as
-an uninterrupted run would have.
+Every signal that ends a job (Ctrl-C's SIGINT, SIGTERM from kill, systemd, SLURM or Kubernetes,
+SIGHUP when the terminal closes) at any moment of textteacher.py: while it imports, in the
+first epoch (no checkpoint yet), in a later epoch, and inside the writing of a checkpoint. Each
+ends in one line and exit code 128 + N, leaves the previous checkpoint whole, and its advice,
+followed, finishes the run as an uninterrupted run would have. (A study's workers under the
+same signals: tests/test_runner.py.)
 """
 import glob
 import os
@@ -58,12 +60,20 @@ def args_of(folder, tmp_path, name):
                      *CHEAP)
 
 
-def interrupt(p):
-    p.send_signal(signal.SIGINT)
+SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "interrupted by SIGTERM",
+           signal.SIGHUP: "interrupted by SIGHUP"}
+
+
+def interrupt(p, signum=signal.SIGINT):
+    """Send the signal; the line, once p has ended as the signal says (128 + N), without a
+    traceback; its words up to the first ';' are the signal's."""
+    p.send_signal(signum)
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    assert p.returncode == 128 + signum, err
     assert "Traceback" not in err
-    return one_line(err)
+    line = one_line(err)
+    assert line.startswith(SIGNALS[signum] + "; "), line
+    return line.replace(SIGNALS[signum], "interrupted", 1)
 
 
 COMMANDS = sorted(os.path.relpath(p, ROOT) for pattern in ("*.py", "experiments/*.py",
@@ -73,15 +83,16 @@ COMMANDS = sorted(os.path.relpath(p, ROOT) for pattern in ("*.py", "experiments/
 
 
 def interrupt_while_importing_torch(procs, timeout=60):
-    """SIGINT to each process as soon as it has loaded torch's library: it is then inside
+    """A signal to each process as soon as it has loaded torch's library: it is then inside
     `import torch`, which every command imports after cli.py (Linux: the memory map names the
-    library). All are watched at once: none may finish its imports before its turn."""
+    library). All are watched at once: none may finish its imports before its turn. procs:
+    {name: (Popen, signal)}."""
     pending, deadline = dict(procs), time.time() + timeout
     while pending and time.time() < deadline:
-        for name, p in list(pending.items()):
+        for name, (p, signum) in list(pending.items()):
             with open(f"/proc/{p.pid}/maps") as f:
                 if "libtorch" in f.read():
-                    p.send_signal(signal.SIGINT)
+                    p.send_signal(signum)
                     del pending[name]
         time.sleep(0.002)
     assert not pending, f"never imported torch: {', '.join(pending)}"
@@ -89,20 +100,22 @@ def interrupt_while_importing_torch(procs, timeout=60):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc (Linux)")
 def test_ctrl_c_while_importing_is_one_line_in_every_command():
-    """Every command, interrupted while it imports torch and the rest (all at once, so that
-    the test takes the time of one): one line, exit 130, no traceback through the imports."""
-    assert "textteacher.py" in COMMANDS and "experiments/transfer.py" in COMMANDS
+    """Every command, stopped while it imports torch and the rest (all at once, so that the
+    test takes the time of one), each signal in turn over the commands (the handler is
+    cli.py's, one for all three): one line, exit 128 + N, no traceback through the imports."""
+    assert "textteacher.py" in COMMANDS and "experiments/captions.py" in COMMANDS
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = {c: subprocess.Popen([sys.executable, os.path.join(ROOT, c), "--help"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=env) for c in COMMANDS}
+    procs = {c: (subprocess.Popen([sys.executable, os.path.join(ROOT, c), "--help"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env), list(SIGNALS)[i % len(SIGNALS)])
+             for i, c in enumerate(COMMANDS)}
     interrupt_while_importing_torch(procs)
-    for command, p in procs.items():
+    for command, (p, signum) in procs.items():
         out, err = p.communicate(timeout=120)
-        assert p.returncode == 130 and "Traceback" not in err, (command, err)
+        assert p.returncode == 128 + signum and "Traceback" not in err, (command, err)
         line = one_line(err)
-        assert line == "interrupted while starting; nothing was done: run the command again", (
-            command)
+        assert line == (f"{SIGNALS[signum]} while starting; nothing was done: run the command "
+                        "again"), command
 
 
 @pytest.fixture
@@ -124,11 +137,13 @@ def test_ctrl_c_in_the_first_epoch_advises_a_new_start_that_works(folder, tmp_pa
     assert untimed(tmp_path / "r") == uninterrupted
 
 
-def test_ctrl_c_in_a_later_epoch_advises_the_resume_that_works(folder, tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum", list(SIGNALS), ids=lambda s: signal.Signals(s).name)
+def test_a_signal_in_a_later_epoch_advises_the_resume_that_works(folder, tmp_path, uninterrupted,
+                                                                 signum):
     args = args_of(folder, tmp_path, "r")
     p = start_paused(tmp_path, args, at=8)  # 6 steps per epoch: in epoch 2
     wait_for_pause(p)
-    line = interrupt(p)
+    line = interrupt(p, signum)
     run_dir = os.path.join(str(tmp_path), "r")
     assert line == f"interrupted; continue from the last checkpoint: --resume {run_dir}"
     assert checkpoint(run_dir)["epoch"] == 1
