@@ -209,6 +209,8 @@ def image_split(data, data_dir, split, protocol="official"):
         return ds, [str(i) for i in range(len(ds))], ds.classes
     if data == "cub200":
         return cub(data_dir, split)
+    if data == "shapes" and not os.path.exists(os.path.join(data_dir, "text.pt")):
+        draw_shapes(data_dir)
     if data not in TRANSFER:  # an image folder (imagenet and shapes are folders too)
         return image_folder(os.path.join(data_dir, split))
     name, official, common = TRANSFER[data]
@@ -230,6 +232,17 @@ def image_split(data, data_dir, split, protocol="official"):
     dataset = torch.utils.data.ConcatDataset(parts)
     dataset.samples, dataset.targets = samples, [label for _, label in samples]
     return dataset, file_keys(dataset, data_dir), parts[0].classes
+
+
+def draw_shapes(out):
+    """The drawn shapes set, its captions and their embeddings (text.pt, written last), into
+    out, by experiments/shapes.py: --data shapes works on a fresh clone (about 30 s on a CPU).
+    A set cut short (no text.pt) is drawn again."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+    import shapes  # the generator is a tool beside the trainer, imported only when needed
+    print(f"drawing the shapes set into {out} (once)", file=sys.stderr)
+    ours = os.path.isfile(os.path.join(out, shapes.MARKER))
+    shapes.main(["--out", out] + ["--force"] * ours)
 
 
 def image_folder(root):

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from common import fails, write_folder
-import caption_embed  # noqa: F401  (the caption keys' reader, beside the trainer's)
 import imagesets
 import textteacher as tt
 from cli import UserError
@@ -168,3 +167,28 @@ def test_a_decompression_bomb_is_one_line_in_the_trainer(tmp_path, capsys):
                           "1", "--out-dir", str(tmp_path), "--name", "r"])
     assert "zz_huge.png is too large to decode safely" in line and "downscale it" in line
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_the_shapes_set_is_drawn_where_it_is_missing(tmp_path, monkeypatch):
+    """--data shapes on a fresh clone: the set is drawn (with its captions' embeddings, written
+    last) by experiments/shapes.py, once; a set cut short before its embeddings is drawn again
+    over itself (--force, its own folder), and a whole one is read as it is."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "experiments"))
+    import shapes
+    calls, out = [], str(tmp_path / "shapes")
+
+    def draw(argv):  # what shapes.main leaves: its marker and the images, text.pt last
+        calls.append(argv)
+        small_folder(out)
+        open(os.path.join(out, shapes.MARKER), "w").close()
+        open(os.path.join(out, "text.pt"), "wb").close()
+    monkeypatch.setattr(shapes, "main", draw)
+    keys = tt.image_split("shapes", out, "train")[1]
+    assert calls == [["--out", out]] and len(keys) == 12
+    tt.image_split("shapes", out, "val")
+    assert len(calls) == 1  # drawn once
+    os.remove(os.path.join(out, "text.pt"))  # cut short before its embeddings
+    tt.image_split("shapes", out, "train")
+    assert calls[-1] == ["--out", out, "--force"]

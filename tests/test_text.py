@@ -11,7 +11,8 @@ import caption_embed
 from cli import UserError
 
 CAPTIONS = [("train/cat/0001.jpg", "a café sign, \"open\": 24 h"),
-            ("train/dog/0002.jpg", "a dog — on a sofa"), ("train/cat/0003.jpg", "ünïcödé ✓")]
+            ("train/dog/0002.jpg", "a dog — on a sofa"),
+            ("train/cat/0003.jpg", "ünïcödé ✓")]
 
 
 def paper(rows):
