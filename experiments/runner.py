@@ -147,9 +147,9 @@ def main(study, description, argv=None, data="data/cifar10-1k", add_arguments=No
     if args.worker:  # one of the study's workers: it trains, the study reports
         stop_with_parent()
         return work(study.runs(args))
-    cli.lock(cli.writable(args.root), "--root")
     cli.writable(args.docs)  # where the results go, checked before the runs
-    if not args.report:
+    if not args.report:  # --report reads the runs alone: beside a study that runs, too
+        cli.lock(cli.writable(args.root), "--root")
         study.prepare(args)
         start_workers(study.__file__, argv if argv is not None else sys.argv[1:], args.workers)
     study.report(args)
