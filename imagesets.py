@@ -209,7 +209,9 @@ def image_split(data, data_dir, split, protocol="official"):
         return ds, [str(i) for i in range(len(ds))], ds.classes
     if data == "cub200":
         return cub(data_dir, split)
-    if data == "shapes" and not os.path.exists(os.path.join(data_dir, "text.pt")):
+    drawn = os.path.join(data_dir, "shapes.json")  # shapes.MARKER: a set shapes.py draws
+    if data == "shapes" and (not os.path.isdir(os.path.join(data_dir, "train")) or (
+            os.path.isfile(drawn) and not os.path.isfile(os.path.join(data_dir, "text.pt")))):
         draw_shapes(data_dir)
     if data not in TRANSFER:  # an image folder (imagenet and shapes are folders too)
         return image_folder(os.path.join(data_dir, split))
@@ -236,8 +238,9 @@ def image_split(data, data_dir, split, protocol="official"):
 
 def draw_shapes(out):
     """The drawn shapes set, its captions and their embeddings (text.pt, written last), into
-    out, by experiments/shapes.py: --data shapes works on a fresh clone (about 30 s on a CPU).
-    A set cut short (no text.pt) is drawn again."""
+    out, by experiments/shapes.py: --data shapes works on a fresh clone (about 40 s on a CPU).
+    A set of shapes.py's cut short (no text.pt) is drawn again; a folder of the user's is
+    never drawn over."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
     import shapes  # the generator is a tool beside the trainer, imported only when needed
     print(f"drawing the shapes set into {out} (once)", file=sys.stderr)

@@ -40,10 +40,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
 
-import numpy as np
-
-import compare  # noqa: E402
 from cli import need  # noqa: E402
+
+# compare (and with it torch) is imported where runs are trained or read, not here: the study
+# itself only claims its folder and starts the workers, in a fraction of a second
 
 
 @dataclasses.dataclass
@@ -66,6 +66,7 @@ class Run:
 def work(runs):
     """Claim and train every run not yet claimed by another worker, in order; a run that starts
     from another waits for that one's export."""
+    import compare
     for run in runs:
         try:
             cli.lock(run.folder + ".job", "job")
@@ -170,6 +171,7 @@ def finals(folders, epochs, key="top1"):
     a study reports what it has, and says how many seeds each number rests on. A finished
     run's metrics.jsonl must hold every epoch: a damaged one is one line, not a seed left
     out."""
+    import compare
     out = {}
     for seed, f in folders.items():
         if os.path.exists(os.path.join(f, "export", "config.json")):
@@ -184,6 +186,8 @@ def paired_row(name, labels, values, base=None):
     """A markdown table row and its numbers, from {seed: value}: the mean ± std over the
     seeds, and, with base (the values of the cell it is paired with), the mean ± std of the
     paired difference over the seeds both have, and for how many of them it is positive."""
+    import compare
+    import numpy as np
     mean = compare.mean_std(list(values.values())) if values else (float("nan"),) * 2
     out = dict(values=values, mean=mean)
     diff = ""

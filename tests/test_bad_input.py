@@ -279,7 +279,7 @@ CHOICES = "'auto', 'cpu', 'cuda', 'mps'"
     (["--lr", "nan"], "argument --lr: must be a number in (0, inf), got nan (see --help)"),
     (["--patch-size", "0"], "argument --patch-size: must be an integer in [1, 1024], got 0 "
                             "(see --help)"),
-    (["--img-size", "0"], "argument --img-size: must be an integer in [1, 16384], got 0 "
+    (["--img-size", "0"], "argument --img-size: must be an integer in [5, 16384], got 0 "
                           "(see --help)"),
     # at least 2 bytes x depth 6 x (4096 ** 2 + 1) tokens x 4 x width 128 = 96.0 GiB per image
     (["--img-size", "16384", "--patch-size", "4"], "--img-size 16384: one step would hold at "

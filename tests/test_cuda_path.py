@@ -9,6 +9,7 @@ its judgement. Tests that compile are skipped, with the reason, only where the p
 
 Run: python -m pytest -q tests/test_cuda_path.py --durations=0
 """
+import functools
 import json
 import os
 import subprocess
@@ -154,26 +155,38 @@ def test_bf16_autocast_trains_like_fp32_within_bf16s_precision(folder, eager, tm
 
 
 # ----------------------------------------------------------------------------
-# torch.compile (inductor)
+# torch.compile: Dynamo's capture and AOT autograd here; inductor's CPU code in gpu_check's test
 
-def test_compiled_training_equals_eager_with_the_adaptive_weight(folder, eager, inductor,
-                                                                tmp_path):
+# The trainer's compile in these two tests goes to the aot_eager backend: Dynamo captures the
+# graphs and AOT autograd derives their backward exactly as with inductor on a GPU (graph
+# breaks, DDP's bucketed graphs, autograd.grad at the heads: where compiled training goes
+# wrong), and eager kernels run them. Inductor's own code for a GPU is Triton, which no CPU
+# test runs; its C++ code for the CPU, a minute to compile here, is compiled and checked
+# against eager by test_gpu_check_cpu_paths_pass_and_agree below.
+AOT_EAGER = functools.partial(torch.compile, backend="aot_eager")
+
+
+def test_compiled_training_equals_eager_with_the_adaptive_weight(folder, eager, tmp_path,
+                                                                monkeypatch):
     """--compile on, as on CUDA: the same three steps as eager. Every micro-batch went through
-    the compiled model (an OptimizedModule, graphs captured by Dynamo and handed to inductor),
+    the compiled model (an OptimizedModule, graphs captured by Dynamo and compiled by AOT
+    autograd),
     and the heads and losses outside it (TextTeacher.heads): w needs dL/dF at F, which a
     graph compiled with the heads hides (without the decorator autograd.grad fails: tried).
     w, L_cls, L_txt of every micro-batch, the logged means and the final weights equal
     eager's.
 
-    Tolerance: inductor fuses operations and reorders sums, so fp32 roundings differ: measured
-    here 3e-7 relative on w and the losses, 4e-7 on weights moved by up to 1.6. Allowed: 1e-4
+    Tolerance: a compiler may fuse operations and reorder sums, so fp32 roundings may differ
+    (inductor: measured 3e-7 relative on w and the losses, 4e-7 on weights moved by up to 1.6;
+    AOT autograd's decompositions too). Allowed: 1e-4
     relative, and 1e-4 on the weights; features 0.1% off in the compiled graph already fail
     (tried), an error in w or a lost term is off by percents. w itself is between 0.017 and
     0.095 and varies from step to step: a w left at 1, or frozen, would not pass."""
-    torch._dynamo.reset()  # compile anew, as a fresh process would (the disk cache may serve)
-    graphs, events = compile_counts()
+    torch._dynamo.reset()  # compile anew, as a fresh process would
+    monkeypatch.setattr(torch, "compile", AOT_EAGER)
+    graphs = compile_counts()[0]
     compiled = watched_run(args(folder, tmp_path, "--compile", "on", "--name", "compiled"))
-    assert compile_counts()[0] > graphs and compile_counts()[1] > events
+    assert compile_counts()[0] > graphs
     assert all(isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
                for model, _, _ in compiled["calls"])
     assert all(not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
@@ -200,11 +213,12 @@ def test_compiled_training_equals_eager_with_the_adaptive_weight(folder, eager, 
 # torch.compile under DDP: two gloo processes from torchrun
 
 RANK_SCRIPT = """
-import json, os, sys
+import functools, json, os, sys
 sys.path.insert(0, {root!r})
 import torch
 import textteacher as tt
 calls = []
+torch.compile = functools.partial(torch.compile, backend="aot_eager")  # see AOT_EAGER
 
 
 def objective(model, *a, **k):  # step_losses, watched: what it is handed, and its w
@@ -223,8 +237,7 @@ with open(os.path.join(sys.argv[1], "rank%s.json" % os.environ["RANK"]), "w") as
 """
 
 
-def test_compiled_ddp_over_two_gloo_processes_equals_one_eager_process(folder, eager, inductor,
-                                                                      tmp_path):
+def test_compiled_ddp_over_two_gloo_processes_equals_one_eager_process(folder, eager, tmp_path):
     """torchrun --nproc_per_node=2 with --compile on: torch.compile of the DDP model, as train()
     does it on 8 GPUs, with --accum 2 (DDP's no_sync on the first micro-batch) and 16 images a
     micro-batch. It must give the eager process with --accum 4 over the same micro-batches:

@@ -120,11 +120,11 @@ def own_flags(module, monkeypatch, things):
 
 
 def declared(action):
-    """What the flag declares it takes: "number", "path", "some", "device", "choice", "text" or
-    None."""
+    """What the flag declares it takes: "number", "path", "some", "device", "names", "choice",
+    "text" or None."""
     kind = action.type
     for attribute, what in (("allowed", "number"), ("path_kind", "path"), ("options", "some"),
-                            ("kinds", "device")):
+                            ("kinds", "device"), ("form", "names")):
         if hasattr(kind, attribute):
             return what
     return "choice" if action.choices is not None else "text" if kind is str else None
@@ -147,6 +147,9 @@ def bad_values(action, things):
         return [NOT_A_CHOICE, "cuda:99"]
     if what == "some":
         return [NOT_A_CHOICE, f"{kind.options[0]},{NOT_A_CHOICE}"]
+    if what == "names":  # one name too few, one too many, an empty one
+        n = kind.form.count(",") + 1
+        return [",".join(["a"] * (n - 1)), ",".join(["a"] * (n + 1)), ",".join(["a"] * n) + ", "]
     if what == "path":
         # the rules of a path, written here and not taken from cli.path: the test's own
         wanted, reads = kind.path_kind.replace("new ", ""), not kind.path_kind.startswith("new ")
@@ -171,6 +174,8 @@ def minimal(action, things):
         return str(action.choices[0])
     if what in ("some", "device"):
         return (kind.options if what == "some" else kind.kinds)[0]
+    if what == "names":
+        return kind.form
     if what == "path" and kind.path_kind.startswith("new "):
         return "made-here"  # in the working folder, where nothing may appear
     if what == "path":

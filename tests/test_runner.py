@@ -1,8 +1,8 @@
 """
 The one study runner (experiments/runner.py): a study of two cells (one seed) on the tiny
-folder, run by its workers, stopped every way a job is stopped (SIGTERM to the study, SIGINT to
-it alone, Ctrl-C to the terminal's process group, SIGKILL; SIGHUP is SIGTERM's handler under
-another number: tests/test_interrupts.py sends it), each time with no worker left
+folder, run by its workers, stopped every way a job is stopped (SIGTERM to the study, Ctrl-C to
+the terminal's process group, SIGKILL; SIGINT to the study alone and SIGHUP take SIGTERM's path,
+and tests/test_interrupts.py sends them to every command), each time with no worker left
 behind; its advice followed, it ends with the very results of a study never stopped.
 """
 import argparse
@@ -25,8 +25,7 @@ import runner  # noqa: E402
 STUDY = """
 import dataclasses, json, os, sys
 sys.path.insert(0, {experiments!r})
-import runner
-import textteacher as tt
+import runner  # and textteacher in the workers alone: the study starts in a fraction of a second
 
 ROOT = "runs"
 PAUSE = os.environ.get("PAUSE_AT")  # a file each worker touches at every step: it is training
@@ -37,6 +36,7 @@ def prepare(args):
 
 
 def runs(args):
+    import textteacher as tt
     out = []
     for seed in (0,):
         for cell in ("baseline", "text"):
@@ -58,7 +58,8 @@ def report(args):
         json.dump(dict(out, baseline=values["baseline"]), f)
 
 
-if PAUSE:  # slow every step down, so that a signal finds the workers in the middle of a run
+if PAUSE and "--worker" in sys.argv:  # slow every step, so that a signal finds a run under way
+    import textteacher as tt
     real = tt.step_losses
 
     def step_losses(*a, **k):
@@ -90,17 +91,20 @@ def study(tmp_path_factory):
 def start(script, data, out, pause, **popen):
     env = dict(os.environ, OMP_NUM_THREADS="1", PAUSE_AT=str(pause))
     return subprocess.Popen([sys.executable, script, "--data", data, "--root", str(out / "runs"),
-                             "--docs", str(out), "--workers", "2"], env=env,
+                             "--docs", str(out), "--workers", str(WORKERS)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
+WORKERS = 1  # the rule is the same for any number; each worker costs an import of torch
+
+
 def workers_of(p, timeout=120):
-    """The pids of the study p's two workers, once both are training."""
+    """The pids of the study p's workers, once all are running."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
                               text=True).stdout.split()
-        if len(kids) == 2 and all(os.path.exists(f"/proc/{k}") for k in kids):
+        if len(kids) == WORKERS and all(os.path.exists(f"/proc/{k}") for k in kids):
             return [int(k) for k in kids]
         assert p.poll() is None, p.stderr.read()
         time.sleep(0.1)
@@ -149,9 +153,9 @@ def test_a_study_stopped_every_way_leaves_no_worker_and_continues_to_the_same_re
 
     out, pause = tmp_path / "stopped", tmp_path / "pause"
     out.mkdir()
-    stops = [  # (how, the exit code of the study)
+    stops = [  # (how, the exit code of the study); kill -INT PID (the study alone) takes
+        # SIGTERM's path: the study's KeyboardInterrupt stops its workers
         (lambda p: p.send_signal(signal.SIGTERM), 143),  # kill PID, systemd, SLURM
-        (lambda p: p.send_signal(signal.SIGINT), 130),  # kill -INT PID: the study alone
         (lambda p: os.killpg(p.pid, signal.SIGINT), 130),  # Ctrl-C: the terminal's group
         (lambda p: p.kill(), -9),  # SIGKILL: the workers notice by themselves
     ]
