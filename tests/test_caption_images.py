@@ -25,6 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import caption_embed  # noqa: E402
 import caption_images  # noqa: E402
+import cli  # noqa: E402
 import textteacher  # noqa: E402
 
 UserError = textteacher.UserError
@@ -267,20 +268,22 @@ def test_bad_input_is_one_line(folder, blip, tmp_path):
     assert out.read_text() == "mine"
 
 
-def test_an_unreadable_image_is_named(folder, blip, tmp_path):
+def test_an_unreadable_image_is_named(folder, blip, tmp_path, capsys):
+    """Through cli.run, as the command ends: one line, exit code 2, no caption file."""
     import shutil
     data = tmp_path / "data"
     shutil.copytree(folder, data)
     bad = data / "train" / "dog" / "dog_9.png"
     bad.write_bytes(b"not a png")
     out = tmp_path / "c.txt"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "caption_images.py"), "--data",
-                        str(data), "--model", blip, "--out", str(out), *FAST], env=env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2
-    assert r.stderr == (f"error: cannot read image {bad} "
-                        "(UnidentifiedImageError); delete or replace the file, then run the same "
-                        "command again to continue\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run(caption_images.main, ["--data", str(data), "--model", blip, "--out", str(out),
+                                      *FAST])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: cannot read image {bad} "
+                                       "(UnidentifiedImageError); delete or replace the file, "
+                                       "then run the same command again to continue\n")
     assert not out.exists()
     # Replaced, the run continues and gives what a clean folder gives.
     write_png(bad, (30, 30), 7)
