@@ -233,8 +233,9 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModel.from_pretrained(source)
         except (OSError, ValueError) as e:  # what transformers raises for a name it cannot find
-            raise UserError(f"text encoder {name!r} is not available offline ({type(e).__name__})"
-                            "; pass --encoder a local folder with its files") from None
+            raise UserError((f"{name} holds no text encoder" if os.path.isdir(name) else f"text "
+                             f"encoder {name!r} is not available offline") + f" ({type(e).__name__}"
+                            "): pass --encoder a model folder with config and tokenizer") from None
         # fp32 as in the paper (transformers >= 5 would otherwise keep the checkpoint's dtype).
         self.model, self.device = model.float().eval().requires_grad_(False).to(device), device
         # Right padding on purpose: the first token is then [CLS] and the last real one sits at

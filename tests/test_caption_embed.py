@@ -420,7 +420,19 @@ def test_encoder_not_available_offline(tmp_path):
     with pytest.raises(caption_embed.UserError) as e:
         run_main("--captions", write_paper(tmp_path / "c.txt", CAPTIONS.items()),
                  "--out", tmp_path / "o.pt", "--encoder", "no-such-org/no-such-encoder")
-    assert "not available offline" in str(e.value) and "local folder" in str(e.value)
+    assert "not available offline" in str(e.value) and "model folder" in str(e.value)
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_folder_without_an_encoder_is_one_line_naming_it(tmp_path):
+    """--encoder a folder that holds no text encoder (a run folder, an image model's export):
+    named as such, not as a model that could not be downloaded."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "log.txt").write_text("epoch 1\n")
+    with pytest.raises(caption_embed.UserError) as e:
+        run_main("--captions", write_paper(tmp_path / "c.txt", CAPTIONS.items()),
+                 "--out", tmp_path / "o.pt", "--encoder", tmp_path / "runs")
+    assert str(e.value).startswith(f"{tmp_path / 'runs'} holds no text encoder (")
     assert not (tmp_path / "o.pt").exists()
 
 
