@@ -217,14 +217,14 @@ def report(args):
                         ("captions", "masked", 0.5), ("class", "captions", 0.5)):
         line, results[f"{a}-minus-{b}-n{noise}"] = runner.paired_row(
             f"{a} - {b}", "clean" if not noise else "50% noisy", top1[(a, noise)],
-            top1[(b, noise)])
+            top1[(b, noise)], mean=False)
         lines.append(line)
     clean, noisy = top1[("baseline", 0.0)], top1[("baseline", 0.5)]
     recovery = {}
     for c in NOISY[1:]:  # (cell - baseline) / (clean baseline - noisy baseline), seed by seed
         seeds = sorted(clean.keys() & noisy.keys() & top1[(c, 0.5)].keys())
         shares = [(top1[(c, 0.5)][s] - noisy[s]) / (clean[s] - noisy[s]) for s in seeds]
-        recovery[c] = compare.mean_std(shares) if shares else (float("nan"),) * 2
+        recovery[c] = compare.mean_std(shares) if shares else None
     results["recovery-n0.5"] = recovery
     text = ("Validation top-1 (%) at the last epoch (10 epochs), CIFAR-10 test images with "
             "FoMo-in-Flux captions (JPEG copy), 500 training images per class; mean ± std over "
@@ -232,14 +232,14 @@ def report(args):
             "noise unless two cells are named). Written by `python experiments/captions.py`."
             "\n\n" + "\n".join(lines) + "\n\nUnder 50% noise, the share of the noise's cost "
             "that a cell recovers, (cell - baseline) / (clean baseline - noisy baseline), seed "
-            "by seed: " + ", ".join(f"{c} {m:.2f} ± {s:.2f}" for c, (m, s) in recovery.items())
-            + "\n")
+            "by seed: " + ", ".join(f"{c} {r[0]:.2f} ± {r[1]:.2f}" if r else f"{c} not run yet"
+                                    for c, r in recovery.items()) + "\n")
     results["analysis"] = analysis_report(args)
     cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(args.docs, "captions.md"))
     cli.save_atomic(lambda f: f.write(json.dumps(results, indent=1).encode()),
                     os.path.join(args.docs, "captions.json"))
     bars = [(f"{c}\n{'noise 0.5' if n else 'clean'}", results[f"{c}-n{n}"]["diff"])
-            for (c, n) in top1 if c != "baseline"]
+            for (c, n) in top1 if c != "baseline" and results[f"{c}-n{n}"]["diff"]]
     runner.plot(os.path.join(args.docs, "captions.png"), bars, "CIFAR-10 photos with captions: "
                 "final top-1 minus the baseline of the same seed (mean ± std)")
     print(text)

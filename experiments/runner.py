@@ -182,23 +182,30 @@ def finals(folders, epochs, key="top1"):
     return out
 
 
-def paired_row(name, labels, values, base=None):
-    """A markdown table row and its numbers, from {seed: value}: the mean ± std over the
-    seeds, and, with base (the values of the cell it is paired with), the mean ± std of the
-    paired difference over the seeds both have, and for how many of them it is positive."""
+def paired_row(name, labels, values, base=None, mean=True):
+    """A markdown table row and its numbers, from {seed: value}: the mean ± std of values over
+    the seeds (mean=False: left blank, for a row of differences alone), and, with base (the
+    values of the cell it is paired with), the mean ± std of the paired difference over the
+    seeds both have, and for how many of them it is positive. A std needs two seeds; a cell
+    without a finished run says so."""
     import compare
     import numpy as np
-    mean = compare.mean_std(list(values.values())) if values else (float("nan"),) * 2
-    out = dict(values=values, mean=mean)
+
+    def shown(values, sign=""):
+        if len(values) == 0:
+            return "not run yet"
+        m, s = compare.mean_std(values)
+        return f"{m:{sign}.2f}" + (f" ± {s:.2f}" if len(values) > 1 else "")
+    out = dict(values=values, mean=compare.mean_std(list(values.values())) if values else None)
     diff = ""
     if base is not None:
         seeds = sorted(values.keys() & base.keys())
         d = np.array([values[s] - base[s] for s in seeds])
-        out.update(diff=compare.mean_std(d) if len(d) else (float("nan"),) * 2, seeds=seeds,
+        out.update(diff=compare.mean_std(d) if len(d) else None, seeds=seeds,
                    positive=int((d > 0).sum()))
-        diff = "**{:+.2f} ± {:.2f}** ({} of {})".format(*out["diff"], out["positive"], len(d))
-    line = f"| {name} | {labels} | {len(values)} | {mean[0]:.2f} ± {mean[1]:.2f} | {diff} |"
-    return line, out
+        diff = f"**{shown(d, '+')}** ({out['positive']} of {len(d)})" if len(d) else ""
+    top1 = shown(list(values.values())) if mean else ""
+    return f"| {name} | {labels} | {len(values)} | {top1} | {diff} |", out
 
 
 TABLE_HEAD = ["| cell | labels | seeds | top-1 | paired difference (seeds positive) |",
