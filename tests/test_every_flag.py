@@ -326,3 +326,28 @@ def test_every_bad_value_of_every_flag_is_one_line_before_any_work(script, thing
                 wrong.append(f"{' '.join(argv)}: {why}")
     assert not wrong, "\n".join(wrong)
     print(f"{script}: {tried} bad values of {len(flags)} flags refused")
+
+
+@pytest.mark.parametrize("augment", ["3aug", "crop", "none"])
+def test_the_smallest_image_size_the_trainer_declares_trains(augment, tmp_path):
+    """The lower end of --img-size (5 px: the padded crop reflects 4 px, which needs a side of
+    5) trains with every augmentation, where 1-4 px once crashed in the crop: a range declares
+    what the code can take, its ends included."""
+    from common import run, write_folder
+    lo = int(textteacher.Config.__dataclass_fields__["img_size"].metadata["allowed"][1:].split(
+        ",")[0])
+    assert lo == 5
+    root = str(tmp_path / "d")
+    write_folder(root, train=4, val=1, size=(7, 9))
+    assert run(["--data", root, "--img-size", lo, "--patch-size", lo, "--model", "micro",
+                "--batch-size", "4", "--epochs", "1", "--threads", "1", "--workers", "0",
+                "--augment", augment, "--out-dir", tmp_path, "--name", "r"]) == 0
+
+
+def test_the_smallest_size_the_loader_benchmark_declares_runs(capsys):
+    """benchmarks/loader.py --size at its lower end (5 px), on 1 px wide images (its --width's)."""
+    import loader
+    loader.main(["--size", "5", "--width", "1", "--height", "5", "--images", "2", "--rounds",
+                 "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("2 JPEGs of 1 x 5 to 5 px") and "vs deit3" in out
