@@ -223,17 +223,20 @@ def untrained_like(source, img_size):
 def cross_seed_cka(source_a, source_b, images, estimator="unbiased"):
     """{module name: linear CKA} of two models (runs, checkpoints or exports; source_b None:
     an untrained model of source_a's size) on the same images, the attention and MLP outputs
-    of every block; estimator "unbiased" (the official code's, minibatches of 16) or "biased"
-    (the textbook formula on all the images at once). Models of different depth or width are
-    one line: CKA compares the same modules."""
+    of every block; estimator "unbiased" (the official code's, minibatches of 16), "biased"
+    (the textbook formula on all the images at once), or a tuple of both: then {estimator:
+    {module: CKA}}, the features computed once. Models of different depth or width are one
+    line: CKA compares the same modules."""
     size = images.shape[-1]
     vits = [transfer.frozen_vit(s, size) if s else untrained_like(source_a, size)
             for s in (source_a, source_b)]
     a, b = (block_outputs(v, images) for v in vits)
     need(a.keys() == b.keys(), f"{source_a} and {source_b} have different blocks ({len(a) // 2} "
          f"and {len(b) // 2}): CKA compares models of one depth")
-    cka = minibatch_cka if estimator == "unbiased" else linear_cka
-    return {name: cka(a[name], b[name]) for name in a}
+    ckas = dict(unbiased=minibatch_cka, biased=linear_cka)
+    if isinstance(estimator, tuple):
+        return {e: {name: ckas[e](a[name], b[name]) for name in a} for e in estimator}
+    return {name: ckas[estimator](a[name], b[name]) for name in a}
 
 
 # ----------------------------------------------------------------------------
@@ -246,8 +249,8 @@ def arms_analysis(arms, images, epochs, pairs=((0, 1), (0, 2), (1, 2))):
     out = {}
     for arm, runs in arms.items():
         curves = [ffd_curve(r, epochs) for r in runs.values()]
-        cka = {e: [cross_seed_cka(runs[a], runs[b], images, e) for a, b in pairs]
-               for e in ("unbiased", "biased")}
+        both = [cross_seed_cka(runs[a], runs[b], images, ("unbiased", "biased")) for a, b in pairs]
+        cka = {e: [c[e] for c in both] for e in ("unbiased", "biased")}
         out[arm] = dict(ffd=np.mean(curves, 0).tolist(), ffd_std=np.std(curves, 0, ddof=1).tolist(),
                         seeds=list(runs), **{key: {e: {k: float(f([c[k] for c in v]))
                                                        for k in v[0]} for e, v in cka.items()}
@@ -258,7 +261,7 @@ def arms_analysis(arms, images, epochs, pairs=((0, 1), (0, 2), (1, 2))):
 def floors(pairs, images):
     """{name: {estimator: {module: CKA}}} of pairs {name: (model, model or None)}: CKA between
     models that share nothing learned (None: an untrained model of the first one's size)."""
-    return {name: {e: cross_seed_cka(a, b, images, e) for e in ("unbiased", "biased")}
+    return {name: cross_seed_cka(a, b, images, ("unbiased", "biased"))
             for name, (a, b) in pairs.items()}
 
 
