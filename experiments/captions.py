@@ -138,10 +138,9 @@ class WithinClass:
 def control(kind):
     """A function cfg -> the target source of a control, from cfg.text."""
     def make(cfg):
-        dataset, keys, classes = tt.image_split(cfg.data, cfg.data_dir, "train")
-        targets = tt.TextTargets(cfg.text, keys, classes, cfg.data)
+        targets, labels = runner.text_targets(cfg)
         if kind == "shuffled":
-            return WithinClass(targets, torch.tensor(dataset.targets), cfg.seed)
+            return WithinClass(targets, labels, cfg.seed)
         return compare.Gaussian(targets, cfg.seed)
     return make
 

@@ -174,10 +174,7 @@ def photo_config(data, *more):
 
 def control(make):
     """A function cfg -> the control make(targets) of the class text in cfg.text."""
-    def targets(cfg):
-        keys, classes = tt.image_split(cfg.data, cfg.data_dir, "train")[1:]
-        return make(tt.TextTargets(cfg.text, keys, classes, cfg.data))
-    return targets
+    return lambda cfg: make(runner.text_targets(cfg)[0])
 
 
 def runs(args):

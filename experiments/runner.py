@@ -81,6 +81,15 @@ def work(runs):
         cli.release(run.folder + ".job")
 
 
+def text_targets(cfg):
+    """(the embeddings of cfg.text matched to cfg.data's training samples, the samples' true
+    labels): what a study's control makes its targets of."""
+    import torch
+    import textteacher as tt
+    dataset, keys, classes = tt.image_split(cfg.data, cfg.data_dir, "train")
+    return tt.TextTargets(cfg.text, keys, classes, cfg.data), torch.tensor(dataset.targets)
+
+
 def stop_with_parent():
     """In a worker: stop as on SIGTERM once the study that started it has ended, however it
     ended (its end closes the pipe on our stdin). The study's own signals reach us first."""

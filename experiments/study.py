@@ -113,8 +113,7 @@ def prepare(args):
 
 def shuffled(cfg):
     """The full captions, each given to another image (compare.Shuffled, seeded by the run)."""
-    keys, classes = tt.image_split("shapes", cfg.data_dir, "train")[1:]
-    return compare.Shuffled(tt.TextTargets(cfg.text, keys, classes), cfg.seed)
+    return compare.Shuffled(runner.text_targets(cfg)[0], cfg.seed)
 
 
 def runs(args):
