@@ -87,13 +87,12 @@ def skipped_kind(name):
     return None if ext in IMAGE_EXTENSIONS else "not an image"
 
 
-def scan(root, say=True):
+def scan(root):
     """(samples [(path, class index)], classes) of an image folder root/CLASS/...: the classes
     are the sub-folders of root in sorted order, the samples every image below each (in
     sub-folders too, in ImageFolder's order); hidden, system and other files are skipped and
     counted in one line; a link that loops back, a broken link and an empty image file are
-    refused in one line naming them, as is a class folder without an image. say: print the
-    line of what was skipped."""
+    refused in one line naming them, as is a class folder without an image."""
     skipped, samples = {}, []
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     classes = [e.name for e in entries if e.is_dir() and not hidden(e.name)]
@@ -110,7 +109,8 @@ def scan(root, say=True):
                  "loop): remove the link")
             open_dirs.add(real)
             for e in sorted(os.scandir(folder), key=lambda e: e.name):
-                need(os.path.exists(e.path), f"{e.path} is a broken link: remove it")
+                need(not e.is_symlink() or os.path.exists(e.path), f"{e.path} is a broken "
+                     "link: remove it")  # is_symlink: from the listing, no call per entry
                 kind = ("hidden or system" if hidden(e.name) else None) if e.is_dir() else (
                     skipped_kind(e.name))
                 if kind:
@@ -126,7 +126,7 @@ def scan(root, say=True):
              " a class needs one or more")
         # ImageFolder's order: by folder (sorted(os.walk(...))), then by name
         samples += [(p, c) for p in sorted(found, key=lambda p: os.path.split(p))]
-    if skipped and say:
+    if skipped:
         print(f"note: {root}: skipped " + ", ".join(
             f"{len(v)} {k} ({', '.join(os.path.basename(p) for p in v[:2])})"
             for k, v in skipped.items()), file=sys.stderr)
@@ -176,9 +176,15 @@ def recipe_of(folder):
     photos) when its first training image (by scan's rule) is at most 64 px on its longer
     side, else "imagenet" (the paper's recipe, 224 px); a folder that cannot be read gets the
     latter, and its error comes where the data are read."""
+    def listed(where):
+        return sorted(os.scandir(where), key=lambda e: e.name)
+    # scan()'s rule, but not scan() itself: it would list every image (an ImageNet folder's
+    # 1.28M) to open one
     with contextlib.suppress(OSError, UserError, PIL.UnidentifiedImageError, StopIteration):
-        first = next(path for path, _ in scan(os.path.join(folder, "train"), say=False)[0])
-        with PIL.Image.open(first) as image:
+        first = next(e.path for e in listed(os.path.join(folder, "train"))
+                     if e.is_dir() and not hidden(e.name))  # the first class
+        path = next(e.path for e in listed(first) if e.is_file() and not skipped_kind(e.name))
+        with PIL.Image.open(path) as image:
             return "small" if max(image.size) <= 64 else "imagenet"
     return "imagenet"
 
