@@ -366,8 +366,7 @@ class TextTargets:
 
     def __call__(self, index, labels, images, lam):
         t = self.vectors[self.rows[labels if self.level == "class" else index]].float() - self.mean
-        if images.is_cuda:  # page-locked: the copy to the GPU does not block the loop
-            t = t.pin_memory()
+        t = t.pin_memory() if images.is_cuda else t  # page-locked: the copy does not block
         return mix(t.to(images.device, non_blocking=True), lam)  # shape = [B, D]
 
 
@@ -465,11 +464,13 @@ class TextTeacher(nn.Module):
 
     The text head is one Linear(width -> D) with PyTorch's default initialisation, reading the
     same post-norm CLS feature F as the classifier. It exists only for the auxiliary loss and
-    is thrown away at export. text_dim = 0 builds none: the baseline."""
+    is thrown away at export. text_dim = 0 builds none: the baseline. A target source that is
+    a module (experiments/: a learned class table) is trained and checkpointed with the model."""
 
-    def __init__(self, vit, text_dim=0, freeze=False):
+    def __init__(self, vit, text_dim=0, freeze=False, targets=None):
         super().__init__()
         self.vit, width = vit, vit.head.in_features  # width: that of F
+        self.targets = targets if isinstance(targets, nn.Module) else None
         self.text_head = nn.Linear(width, text_dim).requires_grad_(not freeze) if text_dim else None
 
     def forward(self, x):
@@ -491,8 +492,8 @@ def model_args(cfg, num_classes):
                 drop_path=cfg.drop_path)
 
 
-def build_model(cfg, num_classes, text_dim):
-    return TextTeacher(ViT(**model_args(cfg, num_classes)), text_dim, cfg.freeze_text_head)
+def build_model(cfg, num_classes, text_dim, targets=None):
+    return TextTeacher(ViT(**model_args(cfg, num_classes)), text_dim, cfg.freeze_text_head, targets)
 
 
 # ----------------------------------------------------------------------------
@@ -523,17 +524,18 @@ def adaptive_weight(loss_cls, loss_txt, feat):
     return ((g_cls.norm() + 1e-7) / (g_txt.norm() + 1e-7)).detach()
 
 
-def step_losses(model, images, y, targets, lam, cfg, autocast=contextlib.nullcontext()):
+def step_losses(model, images, y, targets, lam, cfg, autocast=None, text_loss=clip_loss):
     """One micro-batch's L = lam_e * w * L_txt + (1 - lam_e) * L_cls, as (L, L_cls, L_txt, w).
 
-    targets None is the baseline: L = L_cls. The benchmark times this very function."""
-    with autocast:
+    targets None is the baseline: L = L_cls. The benchmark times this very function; text_loss
+    is experiments/' seam (a second classifier: cross-entropy on the text head)."""
+    with autocast or contextlib.nullcontext():
         logits, z, feat = model(images)
     loss_cls = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)  # fp32
     if targets is None:
         zero = torch.zeros((), device=images.device)
         return loss_cls, loss_cls, zero, zero
-    loss_txt = clip_loss(z.float(), targets)
+    loss_txt = text_loss(z.float(), targets)
     w = (adaptive_weight(loss_cls, loss_txt, feat) if cfg.adaptive_weight and lam > 0
          else torch.ones((), device=images.device))
     # at lam_e = 0 the text term stays in with weight 0, so DDP sees the head's (zero) gradient
@@ -654,8 +656,9 @@ def read_source(path):
     config = cli.json_or(os.path.join(path, "config.json"), {})
     ours = config.get("textteacher", config)  # an export from before timm's format: ours
     classes = config.get("label_names", config.get("classes"))
-    need(isinstance(ours, dict) and "model_args" in ours and classes, f"{path}/config.json is "
-         "missing, truncated or no export's config: export the run again (experiments/export.py)")
+    need(isinstance(ours, dict) and "model_args" in ours and classes and len(classes) == ours[
+        "model_args"].get("num_classes"), f"{path}/config.json is missing, truncated, no export's "
+         "config or names not one class per output: export the run again (experiments/export.py)")
     try:  # safetensors keeps no checksum, but damaged bytes read as NaN or inf somewhere
         state = load_file(f"{path}/model.safetensors")
         if not all(torch.isfinite(v).all() for v in state.values()):
@@ -722,8 +725,7 @@ def export(vit, args, classes, out_dir):
     config = dict(architecture="vit_base_patch16_224", num_classes=n, num_features=args["width"],
                   global_pool="token", label_names=list(classes), model_args=timm_kwargs(args),
                   pretrained_cfg=preprocess, textteacher=dict(model_args=args))
-    text = json.dumps(config, indent=2)
-    save_atomic(lambda f: f.write(text.encode()), os.path.join(out_dir, "config.json"))
+    save_atomic(lambda f: f.write(json.dumps(config, indent=2).encode()), f"{out_dir}/config.json")
 
 
 # ----------------------------------------------------------------------------
@@ -860,7 +862,7 @@ def train(cfg, given=(), targets=None, on_epoch=None, objective=None):
 
     # -- model, optimiser, and where a checkpoint left them ------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and in both arms
-    model = build_model(cfg, len(classes), target_dim).to(device)
+    model = build_model(cfg, len(classes), target_dim, targets).to(device)
     optimizer = build_optimizer(cfg, model, device)
     epoch, step, history, sums = 0, 0, [], torch.zeros(3)  # sums of L_cls, L_txt, w
     if ckpt:

@@ -180,19 +180,9 @@ def control(make):
 def runs(args):
     """Every run, in the order they run: the clean photo cells seed by seed, the noisy ones,
     the shapes cells, the transfer's pretraining, then its fine-tunes (each after its source)."""
-    root, data = args.root, args.data
-    out, text = [], f"{root}/text-class.pt"
-    stats = analysis.record_stats  # the FFD of the analysis: baseline and class text
-    for seed in CLEAN_SEEDS:
-        for cell in CELLS:
-            cfg = photo_config(data, "--seed", str(seed))
-            if cell == "baseline":
-                cfg = dataclasses.replace(cfg, text_loss_lambda=0.0)
-            else:
-                cfg = dataclasses.replace(cfg, text=text)
-            make = dict(permuted=Permuted, random=RandomClass).get(cell)
-            out.append(Run(f"{root}/{cell}-n0.0/seed{seed}", cfg, make and control(make),
-                           stats if cell in ("baseline", "class") else None))
+    root, data, text = args.root, args.data, f"{args.root}/text-class.pt"
+    out = [clean_run(root, data, cell, seed) for seed in CLEAN_SEEDS for cell in CELLS]
+    stats = analysis.record_stats  # the FFD of the analysis: baseline and full captions
     for seed in NOISY_SEEDS:
         for cell in ("baseline", "class"):
             cfg = photo_config(data, "--seed", str(seed), "--label-noise", "0.5")
@@ -221,6 +211,18 @@ def runs(args):
             out.append(Run(f"{root}/finetune/{arm}/seed{seed}", functools.partial(
                 finetune_config, root, seed, source), after=source))
     return out
+
+
+def clean_run(root, data, cell, seed):
+    """The run of a clean cell and seed (experiments/fixedtarget.py runs more seeds of them). The
+    analysis records the FFD statistics of baseline and class text, seeds 0-4."""
+    cfg = photo_config(data, "--seed", str(seed))
+    cfg = dataclasses.replace(cfg, text_loss_lambda=0.0) if cell == "baseline" else (
+        dataclasses.replace(cfg, text=f"{root}/text-class.pt"))
+    make = dict(permuted=Permuted, random=RandomClass).get(cell)
+    stats = cell in ("baseline", "class") and seed in CLEAN_SEEDS
+    return Run(f"{root}/{cell}-n0.0/seed{seed}", cfg, make and control(make),
+               analysis.record_stats if stats else None)
 
 
 def finetune_config(root, seed, source):

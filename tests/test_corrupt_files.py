@@ -164,3 +164,19 @@ def test_ffd_of_a_run_with_an_epoch_missing_is_one_line(trained, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"error: {case}/r.ffd/epoch2.pt is missing: train the run "
                                  "again with experiments/analysis.record_stats (the studies do)"]
+
+
+@pytest.mark.parametrize("names", [["a", "b"], ["a", "b", "c", "d"]])
+def test_an_export_whose_class_names_do_not_match_its_head_is_refused(trained, tmp_path, capsys,
+                                                                       names):
+    """label_names of another length than the head's outputs: --init refuses it in one line
+    naming the file (it used to treat the classes as other ones and silently drop the head)."""
+    case = tmp_path / "case"
+    prepare(trained, case)
+    path = case / "r" / "export" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), label_names=names)))
+    code = invoke(train(*base_args(trained[0], case, "--init", f"{case}/r/export", "--name",
+                                   "t")), None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{path}" in err[0] and "one class per" in err[0], err
+    assert not os.path.exists(case / "t")

@@ -1,0 +1,131 @@
+"""
+The fixed-target study's cells (experiments/fixedtarget.py): a class table that learns with the
+model and resumes exactly, a second classifier and a constant weight against their formulas,
+and the runs shared with the photo study.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments"))
+from common import assert_same_weights, checkpoint, crash_in_epoch, write_embeddings  # noqa: E402
+import fixedtarget  # noqa: E402
+import photos  # noqa: E402
+import textteacher as tt  # noqa: E402
+from test_photos import Source, numbered_folder, small_run  # noqa: E402
+
+
+def test_the_learned_table_starts_as_the_random_vectors_and_is_mixed_like_them():
+    src = Source()
+    learned, fixed = fixedtarget.LearnedClass(src), photos.RandomClass(src)
+    labels, images = torch.tensor([4, 0, 0]), torch.zeros(3, 3, 2, 2)
+    assert torch.equal(learned(None, labels, images, 1.0), fixed(None, labels, images, 1.0))
+    torch.testing.assert_close(learned(None, labels, images, 0.3),
+                               fixed(None, labels, images, 0.3))
+    assert learned.table.requires_grad and learned.sha256 != fixed.sha256
+
+
+def test_a_learned_table_trains_with_the_model_and_resumes_exactly(tmp_path, monkeypatch):
+    """train() registers a module target source with the model: the optimiser moves it, the
+    checkpoint holds it, and a run stopped after its first epoch continues to the same table
+    and weights as one that never stopped."""
+    root = numbered_folder(str(tmp_path / "d"))
+    text = write_embeddings(tmp_path / "c.pt", ["cat", "dog", "fox"], torch.randn(3, 8),
+                            level="class")
+    cfg, _ = tt.parse_config(small_run(root, tmp_path, "--text", text, "--epochs", "2"))
+
+    def source():
+        return fixedtarget.LearnedClass(tt.TextTargets(text, [], ["cat", "dog", "fox"]))
+    start = source().table.detach().clone()
+    tt.train(dataclasses.replace(cfg, name="whole"), targets=source())
+    whole = checkpoint(tmp_path / "whole")
+    assert not torch.equal(whole["model"]["targets.table"], start)  # it learned
+    with monkeypatch.context() as mp:
+        crash_in_epoch(mp, 2)
+        with pytest.raises(RuntimeError):
+            tt.train(dataclasses.replace(cfg, name="cut"), targets=source())
+    tt.train(dataclasses.replace(cfg, resume=str(tmp_path / "cut")), targets=source())
+    assert_same_weights(whole["model"], checkpoint(tmp_path / "cut")["model"])
+    # the export is the plain ViT: nothing of the table
+    assert json.load(open(tmp_path / "whole" / "export" / "config.json"))["num_classes"] == 3
+
+
+def losses(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vit = tt.ViT(3, 8, 4, 16, 1, 2)
+    return vit, torch.randn(6, 3, 8, 8, generator=g), F.softmax(torch.randn(6, 3, generator=g), 1)
+
+
+def test_the_second_classifier_is_the_classifiers_loss_on_the_text_head_with_the_weight():
+    """L = lam w CE_s(head2(F), y) + (1 - lam) CE_s(head(F), y), w the ratio of the two losses'
+    gradient norms at F, CE_s the label-smoothed cross-entropy: by hand."""
+    torch.manual_seed(0)
+    vit, images, y = losses()
+    model = tt.TextTeacher(vit, text_dim=3)
+    cfg, _ = tt.parse_config(["--label-smoothing", "0.1"])
+    t = fixedtarget.Labels(3)(None, y.argmax(1), images, 1.0)
+    assert torch.equal(t, F.one_hot(y.argmax(1), 3).float())
+    loss, loss_cls, loss_2, w = fixedtarget.second_classifier(model, images, y, y, 0.5, cfg)
+    feat = vit.forward_features(images)
+    ce = [F.cross_entropy(h(feat), y, label_smoothing=0.1) for h in (vit.head, model.text_head)]
+    g = [torch.autograd.grad(c, feat, retain_graph=True)[0].norm() for c in ce]
+    want_w = (g[0] + 1e-7) / (g[1] + 1e-7)
+    torch.testing.assert_close(w, want_w)
+    torch.testing.assert_close(loss, 0.5 * want_w * ce[1] + 0.5 * ce[0])
+    torch.testing.assert_close(loss_2, ce[1])
+
+
+def test_the_constant_weight_is_the_mean_w_of_its_run_and_replaces_the_adaptive_one(tmp_path):
+    run = tmp_path / "random"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(epoch=e, w=w, top1=1.0)) + "\n"
+                                               for e, w in ((1, 0.2), (2, 0.5), (3, 0.8))))
+    torch.manual_seed(0)
+    vit, images, y = losses(1)
+    model, t = tt.TextTeacher(vit, text_dim=5), torch.randn(6, 5)
+    cfg, _ = tt.parse_config(["--no-adaptive-weight"])
+    loss, loss_cls, loss_txt, w = fixedtarget.ConstantWeight(str(run))(
+        model, images, y, t, 0.25, cfg)
+    z = model.text_head(vit.forward_features(images))
+    torch.testing.assert_close(loss_txt, tt.clip_loss(z, t))
+    assert w.item() == pytest.approx(0.5)
+    torch.testing.assert_close(loss, 0.25 * 0.5 * loss_txt + 0.75 * loss_cls)
+    with pytest.raises(tt.UserError):  # on top of the adaptive weight it would be a product
+        fixedtarget.ConstantWeight(str(run))(model, images, y, t, 0.25, tt.parse_config([])[0])
+
+
+def test_the_study_takes_the_photo_studys_runs_and_pairs_every_cell_by_seed(tmp_path):
+    """The baseline, class and random runs of seeds 0-4 are the photo study's own Runs (either
+    script reuses the other's); within a seed the cells differ in their targets, objective and
+    weight alone; constant waits for the run whose weight it copies."""
+    root, data = str(tmp_path / "runs"), str(tmp_path / "data")
+    for made in (data, f"{root}/data-source", f"{root}/data-target"):  # photos.prepare's
+        os.makedirs(made)
+    args = argparse.Namespace(root=root, data=data)
+    runs = fixedtarget.runs(args)
+    theirs = {r.folder: r for r in photos.runs(args)}
+    count = {}
+    for r in runs:
+        cell, seed = r.folder[len(root) + 1:].split("-n0.0/seed")
+        count[cell] = count.get(cell, 0) + 1
+        if cell in ("baseline", "class", "random") and int(seed) < 5:
+            mine, other = r, theirs[r.folder]
+            assert dataclasses.asdict(mine.config) == dataclasses.asdict(other.config)
+            assert mine.on_epoch is other.on_epoch and (mine.targets is None) == (
+                other.targets is None)
+        same = dataclasses.asdict(dataclasses.replace(
+            r.config, text="", text_loss_lambda=0.5, adaptive_weight=True))
+        assert same == dataclasses.asdict(dataclasses.replace(
+            photos.photo_config(data, "--seed", seed), text=""))
+        assert r.config.adaptive_weight == (cell != "constant")
+        if cell == "constant":
+            assert r.after == f"{root}/random-n0.0/seed0" == r.objective.folder
+            assert runs.index(r) > [x.folder for x in runs].index(r.after)
+    assert count == {c: len(s) for c, s in fixedtarget.SEEDS.items()}
