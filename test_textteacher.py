@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "tests"))
 from common import (CHEAP, RANDOM, assert_same_weights, base_args, checkpoint,  # noqa: E402
-                    crash_in_epoch, fails, folder, free_port, metrics, one_line,
+                    crash_in_epoch, fails, folder, metrics, one_line,
                     poison_at_call, run, sensitive, start_paused, untimed, wait_for_pause,
                     write_embeddings, write_folder)
 import textteacher as tt  # noqa: E402
@@ -950,58 +949,6 @@ def test_accumulation_of_2x32_equals_one_batch_of_64(folder, tmp_path):
     assert max((one[k] - init[k]).abs().max() for k in one) > 1e-2  # the weights did move
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
-
-
-DDP_SCRIPT = """
-import os, sys, torch
-sys.path.insert(0, {root!r})
-import textteacher as tt
-built, val, build, evaluate = [], [], tt.build_model, tt.evaluate
-tt.build_model = lambda *a, **k: built.append(build(*a, **k)) or built[-1]  # this rank's model
-tt.evaluate = lambda vit, loader, *a, **k: (val.append(list(loader.sampler))  # this rank's share
-                                            or evaluate(vit, loader, *a, **k))
-tt.main(sys.argv[2:])
-torch.save(dict(model=built[0].state_dict(), val=val[0]),
-           os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
-"""
-
-
-def test_two_gloo_ranks_equal_one_process_and_count_each_validation_image_once(folder, tmp_path):
-    """"Negatives are the other images of the same per-device batch (no gathering across
-    GPUs in the paper's code ...)": 2 gloo processes x accum 2 x 16 images give the weights of 1
-    process x accum 4 x 16 (the same micro-batches, the same contrastive loss on each, the
-    gradient averaged alike), both ranks hold the same weights, the logged losses are those of
-    all images, and each of the 33 validation images is counted on exactly one rank. The ranks
-    run with the environment torchrun gives them."""
-    args = sensitive(base_args(folder, tmp_path))
-    (tmp_path / "ddp.py").write_text(DDP_SCRIPT.format(root=HERE))
-    port, procs = free_port(), []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(tmp_path / "ddp.py"), str(tmp_path), *args, "--accum", "2",
-             "--ckpt-every", "1", "--name", "ddp"], env=env, cwd=str(tmp_path),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert sum(line.startswith("run ") for out, _ in outputs for line in out.splitlines()) == 1
-    assert len(metrics(tmp_path / "ddp")) == 1  # rank 0 alone prints and logs
-    (rank0, val0), (rank1, val1) = (torch.load(tmp_path / f"rank{r}.pt").values() for r in (0, 1))
-    assert sorted(val0 + val1) == list(range(33))
-    assert_same_weights(rank0, rank1)
-    assert any(k.startswith("text_head") for k in rank0)
-    assert_same_weights(rank0, checkpoint(tmp_path / "ddp")["model"])
-
-    assert run(args + ["--accum", "4", "--name", "single"]) == 0
-    single = checkpoint(tmp_path / "single")["model"]
-    for k in single:
-        torch.testing.assert_close(rank0[k], single[k], rtol=0, atol=1e-6, msg=k)
-    (m_ddp,), (m_single,) = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
-    for key in ("loss_cls", "loss_txt", "w", "top1", "top5"):
-        assert m_ddp[key] == pytest.approx(m_single[key], rel=1e-5), key
 
 
 @pytest.fixture(scope="module")

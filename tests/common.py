@@ -144,13 +144,6 @@ def run(argv):
     return 0
 
 
-def cli(*args, cwd=ROOT, script="textteacher.py", timeout=300, **popen):
-    """The command line as a user types it, offline: a CompletedProcess with text output."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=env, **popen)
-
-
 def one_line(stderr):
     """The single line of stderr (asserting that there is exactly one)."""
     lines = stderr.strip().splitlines()
@@ -237,7 +230,9 @@ def step_losses(*a, **k):  # the command, paused in its {at}-th micro-batch
     calls.append(1)
     if len(calls) == {at}:
         print("PAUSED", flush=True)
-        time.sleep({seconds})
+        deadline = time.time() + {seconds}  # or until the test writes the file {go!r}
+        while time.time() < deadline and not os.path.exists({go!r}):
+            time.sleep(0.02)
     return real(*a, **k)
 
 
@@ -248,13 +243,20 @@ tt.main(sys.argv[1:])
 
 def start_paused(tmp_path, args, at, seconds=2.0, **popen):
     """textteacher.py as a command (its main), which prints PAUSED and sleeps in the at-th call
-    of step_losses: a signal sent then arrives at a known step. Returns the Popen."""
+    of step_losses, for `seconds` or until release(tmp_path): a signal sent then arrives at a
+    known step. Returns the Popen."""
     script = os.path.join(str(tmp_path), "paused.py")
     with open(script, "w") as f:
-        f.write(PAUSING.format(root=ROOT, at=at, seconds=seconds))
+        f.write(PAUSING.format(root=ROOT, at=at, seconds=seconds,
+                               go=os.path.join(str(tmp_path), "paused.go")))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, script, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def release(tmp_path):
+    """Let the command of start_paused(tmp_path, ...) go on at once."""
+    open(os.path.join(str(tmp_path), "paused.go"), "w").close()
 
 
 def wait_for_pause(p, timeout=120):

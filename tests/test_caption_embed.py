@@ -35,13 +35,6 @@ CAPTIONS = {"n01440764_10026.JPEG": "A fish in a net",
 # ----------------------------------------------------------------------------
 # Helpers
 
-def run_cli(*args):
-    """The command line as a user runs it: (exit code, stderr lines)."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "caption_embed.py"), *map(str, args)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    return p.returncode, p.stderr.strip().splitlines()
-
-
 def run_main(*args):
     """The command line in this process (no second model load in a subprocess)."""
     caption_embed.main([str(a) for a in args])
@@ -302,12 +295,15 @@ def test_caption_file_errors_name_the_place(tmp_path, name, content, message):
     assert "\n" not in str(e.value)
 
 
-def test_cli_malformed_line_is_one_line_exit_2(tmp_path):
-    """From the shell: a malformed caption line ends in one line on stderr, exit code 2, and
-    no output file."""
+def test_cli_malformed_line_is_one_line_exit_2(tmp_path, capsys):
+    """The command: a malformed caption line ends in one line on stderr, exit code 2, and no
+    output file."""
     bad = tmp_path / "bad.txt"
     bad.write_text("a.JPEG:\tA fish\nthis line has no separator\n", encoding="utf-8")
-    code, err = run_cli("--captions", bad, "--out", tmp_path / "o.pt")
+    with pytest.raises(SystemExit) as e:  # the script's own ending, cli.run
+        caption_embed.cli.run(caption_embed.main, ["--captions", str(bad), "--out",
+                                                   str(tmp_path / "o.pt")])
+    code, err = e.value.code, capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "line 2" in err[0]
     assert err[0].startswith("error:")  # as every script of the project says it (cli.py)
     assert sorted(os.listdir(tmp_path)) == ["bad.txt"]

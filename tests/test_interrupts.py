@@ -15,45 +15,10 @@ import time
 
 import pytest
 
-from common import (CHEAP, ROOT, base_args, checkpoint, cli, untimed, one_line,
-                    run, start_paused, wait_for_pause)
+from common import CHEAP, ROOT, base_args, checkpoint, one_line, run, untimed
 from common import folder  # noqa: F401  (a fixture)
-
-SAVE_PAUSING = """
-import os, sys, time
-sys.path.insert(0, {root!r})
-import cli, textteacher as tt
-
-
-class Slow:  # a file whose {write}-th write of the {save}-th save pauses: inside torch.save
-    def __init__(self, f, pause):
-        self.f, self.pause, self.writes = f, pause, 0
-
-    def write(self, data):
-        self.writes += 1
-        if self.pause and self.writes == {write}:
-            print("PAUSED", flush=True)
-            time.sleep({seconds})
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-saves = []
-
-
-def save_atomic(write, path):
-    if path.endswith("checkpoint.pt"):
-        saves.append(1)
-    pause = path.endswith("checkpoint.pt") and len(saves) == {save}
-    return cli.save_atomic(lambda f: write(Slow(f, pause)), path)
-
-
-tt.save_atomic = save_atomic
-tt.main(sys.argv[1:])
-"""
-
+import cli  # noqa: E402
+import textteacher as tt  # noqa: E402
 
 def args_of(folder, tmp_path, name):
     return base_args(folder, tmp_path, "--name", name, "--epochs", "3", "--ckpt-every", "0",
@@ -64,16 +29,42 @@ SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "interrupted by SIGTERM
            signal.SIGHUP: "interrupted by SIGHUP"}
 
 
+def sent_here(monkeypatch, capsys, args, signum, at):
+    """The command in this process, which sends itself signum at the at-th call of
+    step_losses: the handler cli.run installs for every command meets the signal at a known
+    step, as a process's would (the process boundary is tested where it is the point: while
+    importing, below; a terminal's Ctrl-C to a trainer and its data workers in
+    test_textteacher.py; a study and its workers in tests/test_runner.py). Returns the one
+    line, as interrupt() does."""
+    real, calls = tt.step_losses, []
+
+    def step_losses(*a, **k):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)
+        return real(*a, **k)
+    with monkeypatch.context() as mp:
+        mp.setattr(tt, "step_losses", step_losses)
+        capsys.readouterr()
+        code = run(args)
+    return ended_by(signum, code, capsys.readouterr().err)
+
+
+def ended_by(signum, code, err):
+    """The line of a command that signum ended with exit code, asserted as interrupt() says."""
+    assert code == 128 + signum, err
+    assert "Traceback" not in err
+    line = one_line(err)
+    assert line.startswith(SIGNALS[signum] + "; "), line
+    return line.replace(SIGNALS[signum], "interrupted", 1)
+
+
 def interrupt(p, signum=signal.SIGINT):
     """Send the signal; the line, once p has ended as the signal says (128 + N), without a
     traceback; its words up to the first ';' are the signal's."""
     p.send_signal(signum)
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 128 + signum, err
-    assert "Traceback" not in err
-    line = one_line(err)
-    assert line.startswith(SIGNALS[signum] + "; "), line
-    return line.replace(SIGNALS[signum], "interrupted", 1)
+    return ended_by(signum, p.returncode, err)
 
 
 COMMANDS = sorted(os.path.relpath(p, ROOT) for pattern in ("*.py", "experiments/*.py",
@@ -117,7 +108,8 @@ def test_every_command_imports_cli_before_torch_and_the_rest():
     sent every signal by the test below."""
     heavy = {"torch", "torchvision", "transformers", "numpy", "scipy", "PIL", "textteacher",
              "imagesets", "caption_embed", "compare", "analysis", "transfer", "shapes",
-             "study", "features", "photos", "captions", "distill", "lamb", "gpu_check"}
+             "study", "features", "photos", "captions", "fixedtarget", "distill", "lamb",
+             "gpu_check"}
     for command in COMMANDS:
         names = first_imports(os.path.join(ROOT, command))
         assert "cli" in names, command
@@ -147,19 +139,19 @@ def test_a_signal_while_importing_is_one_line():
                         "again"), command
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def uninterrupted(folder, tmp_path_factory):
+    """The run that never stopped, once: every interrupted one below must end equal to it."""
     out = tmp_path_factory.mktemp("whole")
     assert run(args_of(folder, out, "r")) == 0
     return untimed(out / "r")
 
 
 def test_ctrl_c_in_the_first_epoch_advises_a_new_start_that_works(folder, tmp_path,
-                                                                  uninterrupted):
+                                                                  uninterrupted, monkeypatch,
+                                                                  capsys):
     args = args_of(folder, tmp_path, "r")
-    p = start_paused(tmp_path, args, at=2)
-    wait_for_pause(p)
-    line = interrupt(p)
+    line = sent_here(monkeypatch, capsys, args, signal.SIGINT, at=2)
     assert line == "interrupted; no checkpoint was written yet: run the same command again"
     assert not os.path.exists(tmp_path / "r" / "checkpoint.pt")
     assert run(args) == 0  # the advice, followed
@@ -171,11 +163,9 @@ def test_ctrl_c_in_the_first_epoch_advises_a_new_start_that_works(folder, tmp_pa
 # test_textteacher.py's test_ctrl_c_stops_in_one_line_and_resume_...
 @pytest.mark.parametrize("signum", [signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
 def test_a_signal_in_a_later_epoch_advises_the_resume_that_works(folder, tmp_path, uninterrupted,
-                                                                 signum):
+                                                                 signum, monkeypatch, capsys):
     args = args_of(folder, tmp_path, "r")
-    p = start_paused(tmp_path, args, at=8)  # 6 steps per epoch: in epoch 2
-    wait_for_pause(p)
-    line = interrupt(p, signum)
+    line = sent_here(monkeypatch, capsys, args, signum, at=8)  # 6 steps per epoch: epoch 2
     run_dir = os.path.join(str(tmp_path), "r")
     assert line == f"interrupted; continue from the last checkpoint: --resume {run_dir}"
     assert checkpoint(run_dir)["epoch"] == 1
@@ -183,23 +173,45 @@ def test_a_signal_in_a_later_epoch_advises_the_resume_that_works(folder, tmp_pat
     assert untimed(run_dir) == uninterrupted
 
 
-def test_ctrl_c_inside_a_checkpoint_write_keeps_the_last_one(folder, tmp_path, uninterrupted):
+class Interrupting:
+    """A file whose 3rd write sends this process SIGINT: inside torch.save's zip writer."""
+
+    def __init__(self, f, before):
+        self.f, self.before, self.writes = f, before, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            self.before.append(open(self.f.name[:-len(".tmp")], "rb").read())
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_ctrl_c_inside_a_checkpoint_write_keeps_the_last_one(folder, tmp_path, uninterrupted,
+                                                             monkeypatch, capsys):
     """Interrupted in the middle of torch.save of the second checkpoint (inside its zip
     writer): one line, the first checkpoint whole and unchanged, no temporary file left, and
     the advised --resume finishes the run."""
-    args = args_of(folder, tmp_path, "r")
-    script = tmp_path / "pausing.py"
-    script.write_text(SAVE_PAUSING.format(root=ROOT, write=3, save=2, seconds=30))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
-    wait_for_pause(p)
+    args, saves, before = args_of(folder, tmp_path, "r"), [], []
+
+    def save_atomic(write, path):
+        saves.append(path.endswith("checkpoint.pt"))
+        if path.endswith("checkpoint.pt") and sum(saves) == 2:
+            return cli.save_atomic(lambda f: write(Interrupting(f, before)), path)
+        return cli.save_atomic(write, path)
+    with monkeypatch.context() as mp:
+        mp.setattr(tt, "save_atomic", save_atomic)
+        capsys.readouterr()
+        code = run(args)
+    line = ended_by(signal.SIGINT, code, capsys.readouterr().err)
     run_dir = os.path.join(str(tmp_path), "r")
-    before = open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()
-    line = interrupt(p)
     assert line == f"interrupted; continue from the last checkpoint: --resume {run_dir}"
-    assert open(os.path.join(run_dir, "checkpoint.pt"), "rb").read() == before
+    assert len(before) == 1  # the first checkpoint, as it was when the second began
+    assert open(os.path.join(run_dir, "checkpoint.pt"), "rb").read() == before[0]
     assert checkpoint(run_dir)["epoch"] == 1
     assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
-    assert cli("--resume", run_dir).returncode == 0
+    assert run(["--resume", run_dir]) == 0  # the advice, followed
     assert untimed(run_dir) == uninterrupted

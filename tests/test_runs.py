@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common import (CHEAP, base_args, checkpoint, crash_in_epoch, fails, metrics, run, snapshot,
-                    start_paused, wait_for_pause, write_embeddings, write_folder)
+                    release, start_paused, wait_for_pause, write_embeddings, write_folder)
 from common import folder  # noqa: F401  (a fixture)
 import cli as cli_module
 import textteacher as tt
@@ -23,7 +23,7 @@ def test_a_second_trainer_with_the_same_name_is_refused_and_the_first_is_unharme
     other's config and metrics. Now the second ends in one line naming the first process, and
     writes nothing; the first finishes as if alone (its two epochs, its own settings)."""
     args = base_args(folder, tmp_path, *CHEAP, "--name", "r")
-    first = start_paused(tmp_path, args, at=8, seconds=6)  # epoch 2: epoch 1 is saved
+    first = start_paused(tmp_path, args, at=8, seconds=60)  # epoch 2: epoch 1 is saved
     try:
         wait_for_pause(first)
         before = snapshot(tmp_path / "r")
@@ -32,6 +32,7 @@ def test_a_second_trainer_with_the_same_name_is_refused_and_the_first_is_unharme
                                f"{first.pid} (")
         assert snapshot(tmp_path / "r") == before
     finally:
+        release(tmp_path)
         out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert [m["epoch"] for m in metrics(tmp_path / "r")] == [1, 2]

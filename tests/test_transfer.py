@@ -559,7 +559,7 @@ BAD = {  # case: (the --init source and more flags, in the tmp_path and of the s
         "is truncated or damaged"),
     "random bytes as model.safetensors": (
         lambda tmp, src: (junk_folder(f"{tmp}/junk", "model.safetensors"),),
-        "config.json is missing, truncated or no export's config"),
+        "config.json is missing, truncated, no export's config"),
     "weights narrower than config.json's (a named size)": (
         lambda tmp, src: (changed_export(f"{tmp}/wide", src, width=192, depth=12, heads=3),),
         "do not fit"),
