@@ -24,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import textteacher as tt  # noqa: E402
+import tqdm  # noqa: E402
+tqdm.tqdm.monitor_interval = 0  # no monitor thread: Forked forks the test process
 
 # One thread: the tiny models gain nothing from more, and on a busy machine a second thread
 # makes every step wait for the slowest core (a step fell from 40 ms to seconds).
@@ -219,6 +221,100 @@ def poison_at_call(monkeypatch, n, value=float("inf")):
     return calls
 
 
+class Forked:
+    """A command as a process of its own, forked from the test process: everything the test
+    process imported (torch, transformers, the project) is there already, so it starts in
+    milliseconds where a new interpreter takes seconds. Otherwise it is the command as typed:
+    its own pid, session and signals, the script run as __main__ with sys.argv, stdout a pipe
+    (read it live, as from a Popen), stderr collected, the exit code as Popen gives it (-N
+    for death by signal N). Fork is safe here: a test process has one Python thread, and the
+    child runs torch on one thread, as a DataLoader worker does. A signal while the command
+    imports needs a new interpreter: tests/test_interrupts.py starts those with subprocess."""
+
+    def __init__(self, script, args, env=None, new_session=False):
+        import tempfile
+        import threading
+        assert threading.active_count() == 1, f"fork beside threads: {threading.enumerate()}"
+        read, write = os.pipe()
+        self.err = tempfile.TemporaryFile("w+", encoding="utf-8")
+        sys.stdout.flush(), sys.stderr.flush()
+        self.pid, self.returncode = os.fork(), None
+        if self.pid == 0:
+            self._child(str(script), list(map(str, args)), env, new_session, write)
+        os.close(write)
+        self.stdout = open(read, encoding="utf-8")
+
+    def _child(self, script, args, env, new_session, write):
+        code = 1
+        try:
+            import io
+            import runpy
+            import signal
+            if new_session:
+                os.setsid()
+            null = os.open(os.devnull, os.O_RDONLY)
+            for fd, target in ((0, null), (1, write), (2, self.err.fileno())):
+                os.dup2(target, fd)
+            sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True)
+            sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a new interpreter's
+            for s in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, signal.SIG_DFL)
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            torch.set_num_threads(1)
+            sys.argv, sys.path[0] = [script, *args], os.path.dirname(os.path.abspath(script))
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:  # as the interpreter ends on it
+            code = e.code or 0 if isinstance(e.code, (int, type(None))) else 1
+            if code == 1 and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            with __import__("contextlib").suppress(Exception):
+                sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        import time
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.time() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        out = self.stdout.read()  # to its end: the command has closed it, ending
+        self.wait(timeout)
+        self.err.seek(0)
+        return out, self.err.read()
+
+    @property
+    def stderr(self):  # what the command wrote to stderr so far
+        self.err.seek(0)
+        return self.err
+
+    def send_signal(self, signum):
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self):
+        import signal
+        self.send_signal(signal.SIGKILL)
+
+
 PAUSING = """
 import os, sys, time
 sys.path.insert(0, {root!r})
@@ -244,14 +340,13 @@ tt.main(sys.argv[1:])
 def start_paused(tmp_path, args, at, seconds=2.0, **popen):
     """textteacher.py as a command (its main), which prints PAUSED and sleeps in the at-th call
     of step_losses, for `seconds` or until release(tmp_path): a signal sent then arrives at a
-    known step. Returns the Popen."""
+    known step. Returns the process (Forked: it starts without importing anything)."""
     script = os.path.join(str(tmp_path), "paused.py")
     with open(script, "w") as f:
         f.write(PAUSING.format(root=ROOT, at=at, seconds=seconds,
                                go=os.path.join(str(tmp_path), "paused.go")))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, script, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **popen)
+    return Forked(script, args, env, new_session=popen.get("start_new_session", False))
 
 
 def release(tmp_path):

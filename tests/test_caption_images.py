@@ -11,7 +11,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -27,6 +26,7 @@ import caption_embed  # noqa: E402
 import caption_images  # noqa: E402
 import cli  # noqa: E402
 import textteacher  # noqa: E402
+from common import Forked  # noqa: E402
 
 UserError = textteacher.UserError
 # Short captions keep the tests fast: the random models rarely end a caption on their own.
@@ -194,12 +194,10 @@ def test_a_killed_run_continues_where_it_stopped(reference, folder, blip, tmp_pa
 
 def test_two_processes_give_the_file_one_gives(reference, folder, blip, tmp_path):
     out, port = tmp_path / "two.txt", free_port()
-    cmd = [sys.executable, os.path.join(ROOT, "caption_images.py"), "--data", folder,
-           "--model", blip, "--out", str(out), "--batch-size", "3", *FAST]
+    argv = ["--data", folder, "--model", blip, "--out", str(out), "--batch-size", "3", *FAST]
     rank = [env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
             for r in (0, 1)]
-    procs = [subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for e in rank]
+    procs = [Forked(os.path.join(ROOT, "caption_images.py"), argv, e) for e in rank]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err

@@ -12,14 +12,13 @@ Run: python -m pytest -q tests/test_cuda_path.py --durations=0
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-from common import (ROOT, assert_same_weights, base_args, checkpoint, folder, free_port, metrics,
-                    one_line, sensitive)
+from common import (ROOT, Forked, assert_same_weights, base_args, checkpoint, folder, free_port,
+                    metrics, one_line, sensitive)
 
 import textteacher as tt
 
@@ -195,13 +194,17 @@ def test_compiled_training_equals_eager_with_the_adaptive_weight(folder, eager, 
 
 
 # ----------------------------------------------------------------------------
-# torch.compile under DDP: two gloo processes from torchrun
+# torch.compile under DDP: two gloo processes, as torchrun starts them
 
 RANK_SCRIPT = """
 import functools, json, os, sys
 sys.path.insert(0, {root!r})
 import torch
+import torch._dynamo
 import textteacher as tt
+from torch._dynamo.utils import counters
+torch._dynamo.reset()  # a new process compiles anew: none of the test process's graphs
+counters.clear()
 calls, built, val, build, evaluate = [], [], [], tt.build_model, tt.evaluate
 torch.compile = functools.partial(torch.compile, backend="aot_eager")  # see AOT_EAGER
 tt.build_model = lambda *a, **k: built.append(build(*a, **k)) or built[-1]  # this rank's model
@@ -219,7 +222,6 @@ def objective(model, *a, **k):  # step_losses, watched: what it is handed, and i
 cfg, given = tt.parse_config(sys.argv[2:])
 tt.check_config(cfg)
 tt.train(cfg, given, objective=objective)
-from torch._dynamo.utils import counters
 with open(os.path.join(sys.argv[1], "rank%s.json" % os.environ["RANK"]), "w") as f:
     json.dump(dict(calls=calls, graphs=counters["stats"]["unique_graphs"], val=val[0]), f)
 torch.save(built[0].state_dict(), os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
@@ -227,7 +229,9 @@ torch.save(built[0].state_dict(), os.path.join(sys.argv[1], "rank%s.pt" % os.env
 
 
 def test_compiled_ddp_over_two_gloo_processes_equals_one_eager_process(folder, eager, tmp_path):
-    """torchrun --nproc_per_node=2 with --compile on: torch.compile of the DDP model, as train()
+    """Two ranks with --compile on, started with the environment torchrun --nproc_per_node=2
+    gives them (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: what
+    train() and the gloo rendezvous read): torch.compile of the DDP model, as train()
     does it on 8 GPUs, with --accum 2 (DDP's no_sync on the first micro-batch) and 16 images a
     micro-batch. It must give the eager process with --accum 4 over the same micro-batches:
     each rank's w of each micro-batch, the logged means (of both ranks' images) and rank 0's
@@ -246,18 +250,19 @@ def test_compiled_ddp_over_two_gloo_processes_equals_one_eager_process(folder, e
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("this torch has no gloo backend")
     (tmp_path / "rank.py").write_text(RANK_SCRIPT.format(root=ROOT))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    p = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(tmp_path / "rank.py"),
-         str(tmp_path), *args(folder, tmp_path, "--accum", "2", "--compile", "on", "--ckpt-every",
-                              "1", "--name", "ddp")],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    argv = [tmp_path, *args(folder, tmp_path, "--accum", "2", "--compile", "on", "--ckpt-every",
+                            "1", "--name", "ddp")]
+    port = str(free_port())
+    procs = [Forked(tmp_path / "rank.py", argv, dict(
+        os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RANK=str(r), LOCAL_RANK=str(r),
+        WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for r in (0, 1)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(33))
-    assert sum(line.startswith("run ") for line in p.stdout.splitlines()) == 1
+    assert sum(line.startswith("run ") for out, _ in outputs for line in out.splitlines()) == 1
     assert len(metrics(tmp_path / "ddp")) == 1
     weights = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert_same_weights(*weights)

@@ -25,7 +25,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from common import CHEAP, ROOT, base_args, checkpoint, folder, metrics, snapshot, write_embeddings
+from common import (CHEAP, ROOT, Forked, base_args, checkpoint, folder, metrics, snapshot,
+                    write_embeddings)
 from test_caption_images import FAST, blip, write_pictures, write_png
 
 import caption_embed
@@ -252,10 +253,8 @@ def test_caption_images_ctrl_c_mid_run_keeps_the_captions_and_the_rerun_continue
             "--workers", "1"]
     (tmp_path / "paused.py").write_text(PAUSED_AFTER_A_BATCH)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, str(tmp_path / "paused.py"),
-                          os.path.join(ROOT, "caption_images.py"), *argv], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    p = Forked(tmp_path / "paused.py", [os.path.join(ROOT, "caption_images.py"), *argv], env,
+               new_session=True)
     try:
         for line in p.stdout:
             if line.strip() == "PAUSED":
