@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import glob
 import importlib
+import math
 import os
 import re
 import signal
@@ -351,3 +352,51 @@ def test_the_smallest_size_the_loader_benchmark_declares_runs(capsys):
                  "1"])
     out = capsys.readouterr().out
     assert out.startswith("2 JPEGs of 1 x 5 to 5 px") and "vs deit3" in out
+
+
+def range_ends(field):
+    """The ends of a numeric field's declared range that the range includes: a bracket's end,
+    and for an integer the last integer before a parenthesis; infinities are no end."""
+    allowed = field.metadata["allowed"]
+    if not isinstance(allowed, str) or field.type not in (int, float):
+        return []
+    lo, hi = (float(x) for x in allowed[1:-1].split(","))
+    ends = [(lo if allowed[0] == "[" else lo + 1 if field.type is int else None),
+            (hi if allowed[-1] == "]" else hi - 1 if field.type is int else None)]
+    return [field.type(e) for e in ends if e is not None and math.isfinite(e)]
+
+
+# Upper ends no test can run to the end: they are checked to be taken by the parser only
+UNRUNNABLE = {"epochs": "100000 epochs", "workers": "256 loader processes",
+              "patch_size": "a 1024 px patch (and image): a patch projection of 400M weights"}
+
+
+def test_every_range_end_of_the_trainer_is_taken_or_refused_in_one_line(tmp_path, capsys):
+    """A declared range is what the code can take (the ends of --img-size and of the loader's
+    --size once crashed). Every included end of every numeric flag of the trainer, walked from
+    Config: all lower ends together in one run, which must train; each upper end in a run of
+    its own, which must train or be refused in one line (more memory than the machine has, a
+    batch larger than the data set) -- never a traceback."""
+    from common import run, write_folder
+    root = str(tmp_path / "d")
+    write_folder(root, train=4, val=1, size=(7, 9))
+    base = ["--data", root, "--model", "micro", "--epochs", "1", "--batch-size", "4",
+            "--img-size", "8", "--patch-size", "4", "--threads", "1", "--workers", "0",
+            "--out-dir", str(tmp_path)]
+    fields = {f.name: range_ends(f) for f in dataclasses.fields(textteacher.Config)}
+    flag = {name: "--" + name.replace("_", "-") for name in fields}
+    lower = [x for name, ends in fields.items() if ends for x in (flag[name], ends[0])]
+    assert "--img-size" in lower and "--seed" in lower and len(lower) >= 2 * 15
+    capsys.readouterr()
+    assert run(base + lower + ["--name", "lower"]) == 0, capsys.readouterr().err
+    for name, ends in fields.items():
+        if len(ends) < 2 or ends[0] == ends[1]:
+            continue
+        argv = [str(a) for a in base + [flag[name], ends[1], "--name", name]]
+        if name in UNRUNNABLE:
+            assert getattr(textteacher.parse_config(argv)[0], name) == ends[1], UNRUNNABLE[name]
+            continue
+        capsys.readouterr()
+        code, err = run(argv), capsys.readouterr().err
+        assert code == 0 or (code == 2 and len(err.strip().splitlines()) == 1
+                             and "Traceback" not in err), (name, ends[1], err)
