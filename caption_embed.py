@@ -229,10 +229,12 @@ class TextEncoder:
         from transformers import AutoModel, AutoTokenizer, logging  # --import-zip needs none
         logging.disable_progress_bar()  # a weight-loading bar per run is noise
         source = resolve_encoder(name)
-        try:
+        try:  # a text encoder takes text alone: a captioner's or vision model's folder does not
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModel.from_pretrained(source)
-        except (OSError, ValueError) as e:  # what transformers raises for a name it cannot find
+            model(**self.tokenizer(["a"], return_tensors="pt")).last_hidden_state
+        except (OSError, ValueError, TypeError, AttributeError) as e:  # transformers' errors for
+            # a name it cannot find, and a model that needs images or has no token states
             raise UserError((f"{name} holds no text encoder" if os.path.isdir(name) else f"text "
                              f"encoder {name!r} is not available offline") + f" ({type(e).__name__}"
                             "): pass --encoder a model folder with config and tokenizer") from None
@@ -314,8 +316,7 @@ def class_prompts(data, data_dir, names_file):
                         else "") + f" ({e}); --data needs train/<class>/ folders, --class-names "
                         "UTF-8 lines 'key<TAB>name'") from None
     missing = [k for k in keys if names_file and k not in table]
-    if missing:
-        raise UserError(f"{names_file} names no class {', '.join(missing[:3])}, ...")
+    need(not missing, f"{names_file} names no class {', '.join(missing[:3])}, ...")
     texts = [t.format(table.get(k) or k.replace("_", " ")) for k in keys for t in CLASS_TEMPLATES]
     return keys, texts, hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
 

@@ -23,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import caption_embed  # noqa: E402
+from test_caption_images import blip  # noqa: E402,F401  (a fixture: the captioner's folder)
 
 # Deliberately out of length order, so that the longest-first batching has to put rows back.
 CAPTIONS = {"n01440764_10026.JPEG": "A fish in a net",
@@ -429,6 +430,16 @@ def test_a_folder_without_an_encoder_is_one_line_naming_it(tmp_path):
         run_main("--captions", write_paper(tmp_path / "c.txt", CAPTIONS.items()),
                  "--out", tmp_path / "o.pt", "--encoder", tmp_path / "runs")
     assert str(e.value).startswith(f"{tmp_path / 'runs'} holds no text encoder (")
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_captioner_given_as_the_encoder_is_one_line_naming_it(tmp_path, blip):
+    """--encoder the folder of caption_images.py's captioner (BLIP: it loads as a model, with a
+    tokenizer, but needs images): named as no text encoder, before any caption is encoded."""
+    with pytest.raises(caption_embed.UserError) as e:
+        run_main("--captions", write_paper(tmp_path / "c.txt", CAPTIONS.items()),
+                 "--out", tmp_path / "o.pt", "--encoder", blip)
+    assert str(e.value).startswith(f"{blip} holds no text encoder (")
     assert not (tmp_path / "o.pt").exists()
 
 
