@@ -269,7 +269,9 @@ class Samples(Dataset):
             x = TF.pil_to_tensor(TF.resize(image, self.size, T.InterpolationMode.BICUBIC))
             return TF.center_crop(x, [self.size, self.size]), self.labels[i], i
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator alone: torch.manual_seed would also seed every accelerator's,
+            # which formats a stack trace per call (more than the image's decoding costs)
+            torch.default_generator.manual_seed(seed)
             return self.transform(image), self.labels[i], i
 
 
