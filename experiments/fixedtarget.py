@@ -8,7 +8,10 @@ with paired seeds, on the photo study's data, recipe and runs.
 It shares the photo study's folder (runs/photos): its clean baseline, class-text and
 random-class runs ARE this study's cells of those seeds (the same Run, so either script reuses
 what the other trained), and writes docs/fixedtarget.md, .json and .png. A stopped study
-continues where it stopped (experiments/runner.py).
+continues where it stopped (experiments/runner.py). Added after the first run, which
+reproduced the photo study's random seed 0 to the digit (48.82): the new cells run first, the
+photo study's own runs last, and until those have run here the report takes their recorded
+results from docs/photos.json (recorded()), naming every pair of the two where both exist.
 
 Everything below was written down before any of it ran.
 
@@ -153,32 +156,64 @@ def folder(root, cell, seed):
     return f"{root}/{cell}-n0.0/seed{seed}"
 
 
+SHARED = ("baseline", "class", "random")  # seeds 0-4 of these are the photo study's runs
+ORDER = ("random", "learned", "second", "constant", "class", "baseline")
+
+
 def runs(args):
-    """Seeds 0-4 of every cell, seed by seed (random first: constant copies its weight), then
-    seeds 5-9 of class and random; those three cells are the photo study's (photos.clean_run)."""
+    """random's seed 0 first (constant copies its weight), then the new cells seed by seed, then
+    seeds 5-9 of class and random, and last the photo study's own runs (photos.clean_run; the
+    report takes their recorded results until they have run here: see recorded())."""
     root, text = args.root, f"{args.root}/text-class.pt"
     weight_of = folder(root, "random", 0)
     out = []
-    for seed in range(10):
-        for cell in ("random", "baseline", "class", "learned", "second", "constant"):
-            f = folder(root, cell, seed)
-            if seed not in SEEDS[cell]:
-                continue
-            cfg = dataclasses.replace(photos.photo_config(args.data, "--seed", str(seed)),
-                                      text=text)
-            if cell in ("baseline", "class", "random"):
-                out.append(photos.clean_run(root, args.data, cell, seed))
-            elif cell == "learned":
-                out.append(Run(f, cfg, photos.control(LearnedClass)))
-            elif cell == "second":
-                out.append(Run(f, cfg, lambda c: Labels(len(runner.text_targets(c)[0].rows)),
-                               objective=second_classifier, settings=dict(objective="second")))
-            else:
-                out.append(Run(f, dataclasses.replace(cfg, adaptive_weight=False),
-                               photos.control(photos.RandomClass), after=weight_of,
-                               objective=ConstantWeight(weight_of),
-                               settings=dict(objective="constant", weight_of=weight_of)))
+    order = sorted(((c, s) for c in ORDER for s in SEEDS[c]), key=lambda cs: (
+        cs != ("random", 0), cs[0] in SHARED and cs[1] < 5, cs[1], ORDER.index(cs[0])))
+    for cell, seed in order:
+        f = folder(root, cell, seed)
+        cfg = dataclasses.replace(photos.photo_config(args.data, "--seed", str(seed)), text=text)
+        if cell in SHARED:
+            out.append(photos.clean_run(root, args.data, cell, seed))
+        elif cell == "learned":
+            out.append(Run(f, cfg, photos.control(LearnedClass)))
+        elif cell == "second":
+            out.append(Run(f, cfg, lambda c: Labels(len(runner.text_targets(c)[0].rows)),
+                           objective=second_classifier, settings=dict(objective="second")))
+        else:
+            out.append(Run(f, dataclasses.replace(cfg, adaptive_weight=False),
+                           photos.control(photos.RandomClass), after=weight_of,
+                           objective=ConstantWeight(weight_of),
+                           settings=dict(objective="constant", weight_of=weight_of)))
     return out
+
+
+def recorded(docs):
+    """{cell: {seed: final top-1}} of the photo study's clean runs of SHARED, as its report
+    recorded them (docs/photos.json, seeds 0-4 in order), or {} without that file. The runs are
+    deterministic (random's seed 0, run here again, gave the recorded 48.82 to the digit): until
+    a shared run has run here, the report takes its recorded result, and says so."""
+    path = os.path.join(docs, "photos.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        return {c: dict(enumerate(saved[f"{c}-n0.0"]["top1"])) for c in SHARED}
+    except (ValueError, KeyError, TypeError):
+        raise cli.UserError(f"{path} is not the photo study's report: write it again with "
+                            "experiments/photos.py --report") from None
+
+
+def top1_of(args):
+    """({cell: {seed: final top-1}}, [(cell, seed, here, recorded)]): the runs finished here,
+    the photo study's recorded results where a shared run has not run here, and every pair of
+    the two there is (they must agree)."""
+    here = {c: runner.finals({s: folder(args.root, c, s) for s in seeds}, EPOCHS)
+            for c, seeds in SEEDS.items()}
+    saved = recorded(args.docs)
+    both = [(c, s, here[c][s], saved[c][s]) for c in saved for s in sorted(here[c])
+            if s in saved[c]]
+    return {c: {**saved.get(c, {}), **here[c]} for c in SEEDS}, both
 
 
 def interval(diff):
@@ -193,8 +228,7 @@ def interval(diff):
 
 def report(args):
     """docs/fixedtarget.{md,json,png} from the runs finished so far."""
-    top1 = {c: runner.finals({s: folder(args.root, c, s) for s in seeds}, EPOCHS)
-            for c, seeds in SEEDS.items()}
+    top1, both = top1_of(args)
     results, lines = {}, list(runner.TABLE_HEAD)
     for c, values in top1.items():
         line, results[c] = runner.paired_row(
@@ -220,7 +254,11 @@ def report(args):
                "fewer than 2 seeds yet") + ". constant's weight: "
             + (f"{sum(weights) / len(weights):.4f} (random seed 0's mean w; per epoch "
                f"{', '.join(f'{w:.3f}' for w in weights)})" if weights else "not known yet")
-            + ".\n")
+            + ".\n\nSeeds 0-4 of baseline, class and random not run here are the photo study's "
+            "recorded results (docs/photos.json; the same runs, settings and code); run here "
+            "and recorded: " + (", ".join(f"{c} seed {s} {a:.2f} against {b:.2f}"
+                                          for c, s, a, b in both) or "none yet") + ".\n")
+    results["run-here-and-recorded"] = both
     cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(args.docs, "fixedtarget.md"))
     cli.save_atomic(lambda f: f.write(json.dumps(results, indent=1).encode()),
                     os.path.join(args.docs, "fixedtarget.json"))

@@ -129,3 +129,46 @@ def test_the_study_takes_the_photo_studys_runs_and_pairs_every_cell_by_seed(tmp_
             assert r.after == f"{root}/random-n0.0/seed0" == r.objective.folder
             assert runs.index(r) > [x.folder for x in runs].index(r.after)
     assert count == {c: len(s) for c, s in fixedtarget.SEEDS.items()}
+
+
+def finished_run(path, top1):
+    """A run folder as runner.finals reads a finished one: every epoch logged, and an export."""
+    os.makedirs(os.path.join(path, "export"))
+    open(os.path.join(path, "export", "config.json"), "w").write("{}")
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(dict(epoch=e, top1=top1 if e == 10 else 0.0)) + "\n"
+                     for e in range(1, 11))
+
+
+def test_the_report_takes_the_photo_studys_recorded_results_where_its_runs_have_not_run(
+        tmp_path):
+    """A shared run finished here wins over its recorded result, and the pair is named; a
+    recorded seed stands in for a shared run not yet run here; a cell of this study's own is
+    never taken from elsewhere; a photos.json of another shape is one line."""
+    root, docs = tmp_path / "runs", tmp_path / "docs"
+    docs.mkdir()
+    saved = {f"{c}-n0.0": dict(top1=[40.0 + i + 10 * k for i in range(5)])
+             for k, c in enumerate(fixedtarget.SHARED)}
+    (docs / "photos.json").write_text(json.dumps(saved))
+    finished_run(fixedtarget.folder(str(root), "random", 0), 60.5)
+    finished_run(fixedtarget.folder(str(root), "learned", 3), 55.0)
+    args = argparse.Namespace(root=str(root), docs=str(docs))
+    top1, both = fixedtarget.top1_of(args)
+    assert top1["baseline"] == {0: 40.0, 1: 41.0, 2: 42.0, 3: 43.0, 4: 44.0}
+    assert top1["random"] == {0: 60.5, 1: 61.0, 2: 62.0, 3: 63.0, 4: 64.0}
+    assert top1["learned"] == {3: 55.0} and top1["second"] == {} and both == [
+        ("random", 0, 60.5, 60.0)]
+    (docs / "photos.json").write_text(json.dumps({"baseline-n0.0": [1, 2]}))
+    with pytest.raises(tt.UserError, match="photos.json is not the photo study's report"):
+        fixedtarget.top1_of(args)
+
+
+def test_the_new_cells_run_before_the_photo_studys_own_runs(tmp_path):
+    root, data = str(tmp_path / "runs"), str(tmp_path / "data")
+    os.makedirs(data)
+    order = [r.folder[len(root) + 1:] for r in fixedtarget.runs(
+        argparse.Namespace(root=root, data=data))]
+    assert order[0] == "random-n0.0/seed0"
+    shared = [i for i, f in enumerate(order) if f.split("-")[0] in fixedtarget.SHARED
+              and int(f[-1]) < 5 and f != "random-n0.0/seed0"]
+    assert shared == list(range(len(order) - 14, len(order)))  # the last 14
