@@ -146,6 +146,34 @@ def run(argv):
     return 0
 
 
+def command_here(script, argv):
+    """The script as a command, in this process: its __main__ block (cli.run, with the script's
+    own advice after a signal) with sys.argv as typed; returns the exit code."""
+    import runpy
+    saved = sys.argv
+    sys.argv = [os.path.join(ROOT, script), *map(str, argv)]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def signal_at_step(monkeypatch, n, signum):
+    """The trainer sends itself signum in its n-th training step (counted from 1): what a
+    command gets from kill, systemd or a terminal at a known moment."""
+    real, calls = tt.step_losses, []
+
+    def step_losses(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signum)
+        return real(*a, **k)
+    monkeypatch.setattr(tt, "step_losses", step_losses)
+
+
 def one_line(stderr):
     """The single line of stderr (asserting that there is exactly one)."""
     lines = stderr.strip().splitlines()

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from common import CHEAP, ROOT, base_args, checkpoint, one_line, run, untimed
+from common import CHEAP, ROOT, base_args, checkpoint, one_line, run, signal_at_step, untimed
 from common import folder  # noqa: F401  (a fixture)
 import cli  # noqa: E402
 import textteacher as tt  # noqa: E402
@@ -34,17 +34,10 @@ def sent_here(monkeypatch, capsys, args, signum, at):
     step_losses: the handler cli.run installs for every command meets the signal at a known
     step, as a process's would (the process boundary is tested where it is the point: while
     importing, below; a terminal's Ctrl-C to a trainer and its data workers in
-    test_textteacher.py; a study and its workers in tests/test_runner.py). Returns the one
-    line, as interrupt() does."""
-    real, calls = tt.step_losses, []
-
-    def step_losses(*a, **k):
-        calls.append(1)
-        if len(calls) == at:
-            os.kill(os.getpid(), signum)
-        return real(*a, **k)
+    test_textteacher.py; a study and its workers in tests/test_runner.py; compare.py under
+    SIGTERM in tests/test_tool_errors.py). Returns the one line, as interrupt() does."""
     with monkeypatch.context() as mp:
-        mp.setattr(tt, "step_losses", step_losses)
+        signal_at_step(mp, at, signum)
         capsys.readouterr()
         code = run(args)
     return ended_by(signum, code, capsys.readouterr().err)

@@ -25,8 +25,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from common import (CHEAP, ROOT, Forked, base_args, checkpoint, folder, metrics, snapshot,
-                    write_embeddings)
+from common import (CHEAP, ROOT, Forked, base_args, checkpoint, command_here, folder, metrics,
+                    signal_at_step, snapshot, write_embeddings)
 from test_caption_images import FAST, blip, write_pictures, write_png
 
 import caption_embed
@@ -398,14 +398,19 @@ def test_compare_reuses_an_arm_only_with_the_settings_asked_for(compared, monkey
 
 
 def test_an_unfinished_arm_is_continued_only_with_its_settings_and_never_taken_as_finished(
-        folder, tmp_path, monkeypatch):
-    """A comparison stopped in the baseline's second epoch, whose arm got an export/ (as the
-    old export.py wrote one of any checkpoint): continued only with its own settings, and
-    then trained to its last epoch, not reused with one epoch of two."""
+        folder, tmp_path, monkeypatch, capsys):
+    """A comparison stopped by SIGTERM (kill, systemd, SLURM) in the baseline's second epoch:
+    one line with its advice and exit 143. Its arm then got an export/ (as the old export.py
+    wrote one of any checkpoint): continued only with its own settings, and then trained to
+    its last epoch, not reused with one epoch of two."""
+    import signal
     argv = [str(a) for a in base_args(folder, tmp_path, *CHEAP, "--name", "u")]
-    stop_at_step(monkeypatch, 7)  # 6 steps per epoch: the first step of epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        compare.main(argv)
+    signal_at_step(monkeypatch, 7, signal.SIGTERM)  # 6 steps per epoch: epoch 2's first
+    capsys.readouterr()
+    assert command_here("experiments/compare.py", argv) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted by SIGTERM; every arm keeps its last checkpoint: run the same command "
+        "again to continue"]
     monkeypatch.undo()
     arm = tmp_path / "u" / "seed0-baseline"
     ckpt = checkpoint(arm)
