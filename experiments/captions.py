@@ -64,7 +64,6 @@ A hypothesis holds where the mean paired difference has the predicted sign and e
 std over seeds; every cell is reported whatever its sign.
 """
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -234,14 +233,11 @@ def report(args):
             "by seed: " + ", ".join(f"{c} {r[0]:.2f} ± {r[1]:.2f}" if r else f"{c} not run yet"
                                     for c, r in recovery.items()) + "\n")
     results["analysis"] = analysis_report(args)
-    cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(args.docs, "captions.md"))
-    cli.save_atomic(lambda f: f.write(json.dumps(results, indent=1).encode()),
-                    os.path.join(args.docs, "captions.json"))
     bars = [(f"{c}\n{'noise 0.5' if n else 'clean'}", results[f"{c}-n{n}"]["diff"])
             for (c, n) in top1 if c != "baseline" and results[f"{c}-n{n}"]["diff"]]
     runner.plot(os.path.join(args.docs, "captions.png"), bars, "CIFAR-10 photos with captions: "
                 "final top-1 minus the baseline of the same seed (mean ± std)")
-    print(text)
+    runner.write(args.docs, "captions", text, results)
 
 
 def analysis_report(args):
@@ -261,11 +257,9 @@ def analysis_report(args):
         "baseline - class, seed 0": (base, folder(args.root, "class", 0.0, 0))}, images)
     text = analysis.cka_tables({c: out[c] for c in ANALYSED}, out["floors"], EPOCHS,
                                "python experiments/captions.py")
-    cli.save_atomic(lambda f: f.write(text.encode()),
-                    os.path.join(args.docs, "captions-analysis.md"))
     analysis.plot(os.path.join(args.docs, "captions-analysis.png"),
                   {c: out[c] for c in ANALYSED}, "CIFAR-10 photos with captions")
-    print(text)
+    runner.write(args.docs, "captions-analysis", text)
     return out
 
 

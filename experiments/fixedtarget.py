@@ -258,16 +258,13 @@ def report(args):
             "recorded results (docs/photos.json; the same runs, settings and code); run here "
             "and recorded: " + (", ".join(f"{c} seed {s} {a:.2f} against {b:.2f}"
                                           for c, s, a, b in both) or "none yet") + ".\n")
-    results["run-here-and-recorded"] = both
-    cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(args.docs, "fixedtarget.md"))
-    cli.save_atomic(lambda f: f.write(json.dumps(results, indent=1).encode()),
-                    os.path.join(args.docs, "fixedtarget.json"))
     bars = [(name.replace("-minus-", " -\n"), results[name]["diff"]) for name in results
             if name != "baseline" and results[name].get("diff")]
+    results["run-here-and-recorded"] = both
     runner.plot(os.path.join(args.docs, "fixedtarget.png"), bars, "CIFAR-10 photos: fixed, "
                 "learned and label targets, paired differences of final top-1 (mean ± std)",
                 "paired difference (p.p.)")
-    print(text)
+    runner.write(args.docs, "fixedtarget", text, results)
 
 
 def main(argv=None):

@@ -70,14 +70,13 @@ every cell is reported whatever its sign.
 """
 import dataclasses
 import functools
-import json
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-import cli  # noqa: E402  (first: Ctrl-C while the rest imports is one line)
+import cli  # noqa: E402,F401  (first: Ctrl-C while the rest imports is one line)
 
 import torch
 
@@ -272,16 +271,13 @@ def report(args):
             "seed. Written by `python experiments/photos.py --data data/cifar10-1k`.\n\n"
             + "\n".join(lines) + "\n\nTransfer: pretrained on the first five classes, probed "
             "and fine-tuned on the other five (seeds 0-2):\n\n" + "\n".join(tlines) + "\n")
-    cli.save_atomic(lambda f: f.write(text.encode()), f"{docs}/photos.md")
-    cli.save_atomic(lambda f: f.write(json.dumps(results, indent=1).encode()),
-                    f"{docs}/photos.json")
     runner.plot(f"{docs}/photos.png", [
         (label, results[n]["diff"]) for n, label in (
             ("class-n0.0", "class text"), ("permuted-n0.0", "permuted"),
             ("random-n0.0", "random"), ("class-n0.5", "class text\nnoise 0.5"))],
         "CIFAR-10 photos, final top-1, paired differences (mean ± std)",
         "minus the baseline of the same seed (p.p.)")
-    print(text)
+    runner.write(docs, "photos", text, results)
 
 
 def analysis_report(args, results):
@@ -307,8 +303,7 @@ def analysis_report(args, results):
             out[name], floors, epochs, "python experiments/photos.py") + "\n"
         analysis.plot(f"{args.docs}/analysis-{name}.png", out[name], name)
     results["analysis"] = out
-    cli.save_atomic(lambda f: f.write(text.encode()), f"{args.docs}/analysis.md")
-    print(text)
+    runner.write(args.docs, "analysis", text)
 
 
 def main(argv=None):

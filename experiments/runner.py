@@ -221,6 +221,17 @@ TABLE_HEAD = ["| cell | labels | seeds | top-1 | paired difference (seeds positi
               "|---|---|---|---|---|"]
 
 
+def write(docs, name, text, results=None):
+    """A study's report: docs/NAME.md (the text, also printed) and, with results, docs/NAME.json
+    (its numbers), each written whole or not at all."""
+    import json
+    cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(docs, f"{name}.md"))
+    if results is not None:
+        cli.save_atomic(lambda f: f.write(json.dumps(results, indent=1).encode()),
+                        os.path.join(docs, f"{name}.json"))
+    print(text)
+
+
 def need_matplotlib():
     """A study that draws its plot calls this in prepare(): before hours of runs, not after."""
     need(importlib.util.find_spec("matplotlib"), "the study draws its plot with matplotlib, "
