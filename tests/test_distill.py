@@ -332,3 +332,30 @@ def test_bad_input_is_one_line_and_writes_nothing(teachers, clip, folder, tmp_pa
     before = snapshot(tmp_path)
     assert message in fails(capsys, argv)
     assert snapshot(tmp_path) == before
+
+
+def test_a_distillation_stopped_by_ctrl_c_continues_to_the_uninterrupted_results(
+        teachers, folder, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (SIGINT) in the baseline arm's second epoch: one line, exit 130, its advice; the
+    same command again continues the baseline and trains the KD arm, and both end with the
+    logs of a distillation never stopped."""
+    import signal
+    from common import CHEAP, signal_at_step, untimed
+    args = base_args(folder, tmp_path, *CHEAP)
+    i = args.index("--text")
+    argv = [str(a) for a in args[:i] + args[i + 2:] + ["--teacher", teachers["ours"], "--arms",
+                                                        "kd"]]
+    distill.main(argv + ["--name", "whole"])
+    signal_at_step(monkeypatch, 6 + 2, signal.SIGINT)  # 6 steps per epoch: epoch 2, step 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        distill.main(argv + ["--name", "cut"])
+    assert e.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted; run the same command again to continue"]
+    monkeypatch.undo()
+    assert checkpoint(tmp_path / "cut" / "seed0-baseline")["epoch"] == 1
+    assert not (tmp_path / "cut" / "seed0-kd").exists()
+    distill.main(argv + ["--name", "cut"])  # the advice, followed
+    for arm in ("seed0-baseline", "seed0-kd"):
+        assert untimed(tmp_path / "cut" / arm) == untimed(tmp_path / "whole" / arm), arm
