@@ -344,9 +344,9 @@ def test_a_distillation_stopped_by_ctrl_c_continues_to_the_uninterrupted_results
     args = base_args(folder, tmp_path, *CHEAP)
     i = args.index("--text")
     argv = [str(a) for a in args[:i] + args[i + 2:] + ["--teacher", teachers["ours"], "--arms",
-                                                        "kd"]]
+                                                        "kd", "--batch-size", "64"]]
     distill.main(argv + ["--name", "whole"])
-    signal_at_step(monkeypatch, 6 + 2, signal.SIGINT)  # 6 steps per epoch: epoch 2, step 2
+    signal_at_step(monkeypatch, 3 + 2, signal.SIGINT)  # 3 steps per epoch: epoch 2, step 2
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         distill.main(argv + ["--name", "cut"])
