@@ -21,6 +21,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -242,12 +243,29 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def group_alive(pgid):
+    """Whether a process of the group pgid is running (zombies, which have ended, do not count)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
 def test_caption_images_ctrl_c_mid_run_keeps_the_captions_and_the_rerun_continues(
-        pictures, blip, captions, tmp_path):
-    """A real Ctrl-C (SIGINT to the process group, its image-reading worker included) after
-    the first batch: one line, exit 130, saying to run the command again; run again, it
-    continues to the file of an uninterrupted run."""
+        pictures, blip, captions, tmp_path, how):
+    """After the first batch, a real Ctrl-C (SIGINT to the process group, its image-reading
+    worker included) or `kill PID` (SIGTERM to the captioner alone): one line, exit 128 + N,
+    saying to run the command again, and no process of the group left (the worker stops with
+    the captioner); run again, it continues to the file of an uninterrupted run."""
     import signal
+    signum = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
+    word = {signal.SIGINT: "interrupted", signal.SIGTERM: "interrupted by SIGTERM"}[signum]
     out = tmp_path / "c.txt"
     argv = ["--data", pictures, "--model", blip, "--out", str(out), *FAST, "--batch-size", "4",
             "--workers", "1"]
@@ -261,13 +279,17 @@ def test_caption_images_ctrl_c_mid_run_keeps_the_captions_and_the_rerun_continue
                 break
         else:
             raise AssertionError(f"ended before its pause: {p.stderr.read()}")
-        os.killpg(p.pid, signal.SIGINT)
+        (os.killpg if how == "ctrl-c" else os.kill)(p.pid, signum)
         _, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
-    assert (p.returncode, err) == (130, "interrupted; the captions written so far are kept: run "
-                                   "the same command again to continue\n")
+    assert (p.returncode, err) == (128 + signum, f"{word}; the captions written so far are "
+                                   "kept: run the same command again to continue\n")
+    gone = time.time() + 30  # the worker ends with its captioner: nothing left in its group
+    while time.time() < gone and group_alive(p.pid):
+        time.sleep(0.05)
+    assert not group_alive(p.pid)
     assert len((tmp_path / "c.txt.parts" / "rank0.txt").read_text().splitlines()) == 4
     caption_images.main(argv)
     assert out.read_bytes() == captions
