@@ -100,19 +100,28 @@ def test_shapes_keeps_each_images_attributes_beside_its_caption(tmp_path, monkey
             [dict(r, key=k) for r, k in zip(features.attributes(split, out), shapes.keys(split, n))]
 
 
-def test_transfer_carries_every_arm_with_its_own_seed(folder, tmp_path):
+def test_transfer_carries_every_arm_with_its_own_seed(folder, tmp_path, monkeypatch, capsys):
     """experiments/transfer.py on a compare.py folder: each arm (two seeds, baseline and
     TextTeacher) is fine-tuned from its own final weights with its own seed (--init, --seed in
     the fine-tune's checkpoint), probed with exactly the linear probe of its frozen features,
     and summarised as paired differences to the baseline of the same seed; an unfinished arm is
-    refused in one line."""
+    refused in one line. Stopped by SIGTERM in its second fine-tune, the command says so in one
+    line (exit 143) and, run again, carries on from there."""
+    import signal
     import compare
     import textteacher as tt
+    from common import command_here, signal_at_step
     argv = ["--data", folder[0], "--img-size", "16", "--patch-size", "8", "--model", "micro",
             "--batch-size", "32", "--epochs", "1", "--workers", "0", "--threads", "1",
             "--out-dir", str(tmp_path), *CHEAP]
     compare.main(argv + ["--text", folder[1], "--name", "c", "--seeds", "2"])
     root = str(tmp_path / "c")
+    with monkeypatch.context() as mp:
+        signal_at_step(mp, 6 + 3, signal.SIGTERM)  # 6 steps a fine-tune: the second's third
+        capsys.readouterr()
+        assert command_here("experiments/transfer.py", [root, "--finetune", *argv]) == 143
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "interrupted by SIGTERM; run the same command again to continue"]
     summary = transfer.transfer(root, argv, finetune=True, do_probe=True)
     for seed in (0, 1):
         for arm in ("baseline", "textteacher"):
