@@ -1,7 +1,8 @@
 """
 The one study runner (experiments/runner.py): a study of two cells (one seed) on the tiny
-folder, run by its workers, stopped every way a job is stopped (SIGTERM to the study, SIGINT to
-it alone, SIGKILL; SIGHUP takes SIGTERM's path, and tests/test_interrupts.py sends it), each time with no worker left
+folder, run by its workers, stopped every way a job is stopped (SIGTERM to the study, SIGKILL;
+SIGINT to it alone and SIGHUP take SIGTERM's path, and tests/test_interrupts.py sends them to
+commands as they start), each time with no worker left
 behind; its advice followed, it ends with the very results of a study never stopped.
 """
 import argparse
@@ -153,9 +154,11 @@ def test_a_study_stopped_every_way_leaves_no_worker_and_continues_to_the_same_re
     out, pause = tmp_path / "stopped", tmp_path / "pause"
     out.mkdir()
     stops = [  # (how, the exit code of the study); Ctrl-C to the terminal's process group
-        # reaches the workers themselves too: test_textteacher.py's group Ctrl-C
+        # reaches the workers themselves too: test_textteacher.py's group Ctrl-C. SIGINT to
+        # the study alone (kill -INT PID) takes SIGTERM's path here (cli.run's handler raises
+        # in the study, and start_workers stops its workers on the way out); its own line and
+        # exit code are tests/test_interrupts.py's, sent to a study while it starts
         (lambda p: p.send_signal(signal.SIGTERM), 143),  # kill PID, systemd, SLURM
-        (lambda p: p.send_signal(signal.SIGINT), 130),  # kill -INT PID: the study alone
         (lambda p: p.kill(), -9),  # SIGKILL: the workers notice by themselves
     ]
     for stop, code in stops:
