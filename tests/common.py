@@ -253,7 +253,8 @@ class Forked:
     """A command as a process of its own, forked from the test process: everything the test
     process imported (torch, transformers, the project) is there already, so it starts in
     milliseconds where a new interpreter takes seconds. Otherwise it is the command as typed:
-    its own pid, session and signals, the script run as __main__ with sys.argv, stdout a pipe
+    its own pid (and session, with new_session), a new interpreter's signal handlers, the
+    script run as __main__ with sys.argv, stdout a pipe
     (read it live, as from a Popen), stderr collected, the exit code as Popen gives it (-N
     for death by signal N). Fork is safe here: a test process has one Python thread, and the
     child runs torch on one thread, as a DataLoader worker does. A signal while the command
