@@ -19,6 +19,7 @@ import json
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -140,18 +141,6 @@ def finished(folder, tmp_path_factory):
     return str(out / "f")
 
 
-def stop_at_step(monkeypatch, n):
-    """Ctrl-C in the n-th training step (counted from 1) of the trainer."""
-    real, calls = tt.step_losses, []
-
-    def step_losses(*a, **k):
-        calls.append(1)
-        if len(calls) == n:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(tt, "step_losses", step_losses)
-
-
 # ----------------------------------------------------------------------------
 # The convention, in every tool: a bad flag, and Ctrl-C, in one line with a stated exit code
 
@@ -263,7 +252,6 @@ def test_caption_images_ctrl_c_mid_run_keeps_the_captions_and_the_rerun_continue
     worker included) or `kill PID` (SIGTERM to the captioner alone): one line, exit 128 + N,
     saying to run the command again, and no process of the group left (the worker stops with
     the captioner); run again, it continues to the file of an uninterrupted run."""
-    import signal
     signum = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
     word = {signal.SIGINT: "interrupted", signal.SIGTERM: "interrupted by SIGTERM"}[signum]
     out = tmp_path / "c.txt"
@@ -425,7 +413,6 @@ def test_an_unfinished_arm_is_continued_only_with_its_settings_and_never_taken_a
     one line with its advice and exit 143. Its arm then got an export/ (as the old export.py
     wrote one of any checkpoint): continued only with its own settings, and then trained to
     its last epoch, not reused with one epoch of two."""
-    import signal
     argv = [str(a) for a in base_args(folder, tmp_path, *CHEAP, "--name", "u")]
     signal_at_step(monkeypatch, 7, signal.SIGTERM)  # 6 steps per epoch: epoch 2's first
     capsys.readouterr()
@@ -455,7 +442,7 @@ def test_export_of_an_unfinished_run_is_refused_or_kept_apart(folder, tmp_path):
     cfg, given = tt.parse_config(base_args(folder, tmp_path, *CHEAP, "--name", "r"))
     run = tmp_path / "r"
     with pytest.MonkeyPatch.context() as m:
-        stop_at_step(m, 7)
+        signal_at_step(m, 7, signal.SIGINT)  # Ctrl-C in epoch 2's first step
         with pytest.raises(KeyboardInterrupt):
             tt.train(cfg, given)
     before = snapshot(tmp_path)
