@@ -43,9 +43,8 @@ class Shuffled:
 
     def __init__(self, targets, seed):
         self.__dict__.update(targets.__dict__)
-        self.rows = targets.rows[
-            torch.randperm(len(targets.rows), generator=torch.Generator().manual_seed(seed))
-        ]
+        g = torch.Generator().manual_seed(seed)
+        self.rows = targets.rows[torch.randperm(len(targets.rows), generator=g)]
         self.sha256 = f"{targets.sha256}:shuffled:{seed}"
 
     __call__ = tt.TextTargets.__call__
@@ -58,9 +57,8 @@ class Gaussian:
     def __init__(self, targets, seed):
         g = torch.Generator().manual_seed(seed)
         self.dim, self.encoder, self.sha256 = targets.dim, "random", f"random:{seed}"
-        self.vectors = torch.randn(
-            len(targets.rows), targets.dim, generator=g
-        ) * targets.vectors.float().std(0)
+        self.vectors = (torch.randn(len(targets.rows), targets.dim, generator=g)
+                        * targets.vectors.float().std(0))
 
     def __call__(self, index, labels, images, lam):
         return tt.mix(self.vectors[index].to(images.device), lam)
@@ -81,10 +79,8 @@ class VisionTeacher:
         try:
             self.model = AutoModel.from_pretrained(name).eval().requires_grad_(False).to(device)
         except OSError:
-            raise tt.UserError(
-                f"vision model {name!r} is not available offline; pass a saved "
-                "folder (save_pretrained)"
-            ) from None
+            raise tt.UserError(f"vision model {name!r} is not available offline; pass a saved "
+                               "folder (save_pretrained)") from None
         self.encoder = self.sha256 = name
         self.dim = self.features(torch.zeros(1, 3, img_size, img_size, device=device)).shape[1]
 
@@ -94,9 +90,8 @@ class VisionTeacher:
             out = self.model.get_image_features(pixel_values=images)
             return getattr(out, "pooler_output", out).float()
         out = self.model(pixel_values=images)
-        return (
-            out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
-        ).float()
+        pooled = out.pooler_output
+        return (pooled if pooled is not None else out.last_hidden_state[:, 0]).float()
 
     def __call__(self, index, labels, images, lam):
         return self.features(images)  # the mixed batch itself: nothing to mix
@@ -128,22 +123,16 @@ def alignment(cfg, text_path, limit=500):
         model.eval()
         device = next(model.parameters()).device
         images = torch.stack([samples[i][0] for i, _ in pairs])
-        z = torch.cat(
-            [
-                model(tt.normalize(images[s : s + 256].to(device)))[1]
-                for s in range(0, len(images), 256)
-            ]
-        ).float()
+        z = torch.cat([model(tt.normalize(images[s:s + 256].to(device)))[1]
+                       for s in range(0, len(images), 256)]).float()
         targets = t.to(device)
         cos = F.normalize(z, dim=-1) @ F.normalize(targets, dim=-1).T  # shape = [M, M]
         scores = z @ targets.T
         M = len(z)
-        record.update(
-            retrieval_top1=100
-            * (scores.argmax(1) == torch.arange(M, device=device)).float().mean().item(),
-            cos_match=cos.diag().mean().item(),
-            cos_other=((cos.sum() - cos.trace()) / (M * (M - 1))).item(),
-        )
+        hits = scores.argmax(1) == torch.arange(M, device=device)
+        record.update(retrieval_top1=100 * hits.float().mean().item(),
+                      cos_match=cos.diag().mean().item(),
+                      cos_other=((cos.sum() - cos.trace()) / (M * (M - 1))).item())
 
     return on_epoch
 
@@ -275,20 +264,14 @@ def arms_of(cfg, control="", teacher=""):
     if cfg.text:
         _, keys, classes = tt.image_split(cfg.data, cfg.data_dir, "train")
 
-        def text(seed, device):
+        def text(seed, device):  # a control of the text targets
             targets = tt.TextTargets(cfg.text, keys, classes)
-            return (
-                {"": targets, "shuffle": Shuffled, "random": Gaussian}[control](targets, seed)
-                if control
-                else targets
-            )
+            return {"shuffle": Shuffled, "random": Gaussian}[control](targets, seed)
 
         arms["textteacher" + (f"-{control}" if control else "")] = (cfg, text if control else None)
     if teacher:
-        arms["teacher"] = (
-            dataclasses.replace(cfg, text=""),
-            lambda seed, device: VisionTeacher(teacher, device, cfg.img_size),
-        )
+        arms["teacher"] = (dataclasses.replace(cfg, text=""),
+                           lambda seed, device: VisionTeacher(teacher, device, cfg.img_size))
     return arms
 
 
@@ -305,9 +288,8 @@ def compare(cfg, root, seeds, arms):
             arm_cfg = dataclasses.replace(arm_cfg, seed=seed)
             device = tt.compute_setup(arm_cfg)[0]
             targets = make(seed, device) if make else None
-            runs[(seed, arm)] = run_arm(
-                arm_cfg, os.path.join(root, f"seed{seed}-{arm}"), targets, aligned[arm]
-            )
+            runs[(seed, arm)] = run_arm(arm_cfg, os.path.join(root, f"seed{seed}-{arm}"),
+                                        targets, aligned[arm])
     summary = summarize(runs, list(arms), seeds)
     text = json.dumps(summary, indent=1)
     cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(root, "compare.json"))
@@ -324,50 +306,32 @@ def summarize(runs, arms, seeds):
     baseline (mean and std over seeds of the paired differences), seconds per epoch and the
     last epoch's alignment."""
     epochs = len(runs[(seeds[0], arms[0])])
-    per_epoch = {
-        a: [float(np.mean([runs[(s, a)][e]["top1"] for s in seeds])) for e in range(epochs)]
-        for a in arms
-    }
+    per_epoch = {a: [float(np.mean([runs[(s, a)][e]["top1"] for s in seeds]))
+                     for e in range(epochs)] for a in arms}
     out = dict(arms=arms, seeds=seeds, top1_per_epoch=per_epoch)
     lines = [f"{'epoch':>6}" + "".join(f"{a:>22}" for a in arms)]
-    lines += [
-        f"{e + 1:>6}" + "".join(f"{per_epoch[a][e]:>22.2f}" for a in arms) for e in range(epochs)
-    ]
-    base_time = np.mean([r["epoch_time"] for s in seeds for r in runs[(s, arms[0])]])
+    lines += [f"{e + 1:>6}" + "".join(f"{per_epoch[a][e]:>22.2f}" for a in arms)
+              for e in range(epochs)]
+    seconds = {a: float(np.mean([r["epoch_time"] for s in seeds for r in runs[(s, a)]]))
+               for a in arms}
     for arm in arms:
         last = [runs[(s, arm)][-1] for s in seeds]
-        entry = dict(
-            final=mean_std([r["top1"] for r in last]),
-            seconds_per_epoch=float(
-                np.mean([r["epoch_time"] for s in seeds for r in runs[(s, arm)]])
-            ),
-        )
+        entry = dict(final=mean_std([r["top1"] for r in last]), seconds_per_epoch=seconds[arm])
         for key in ("retrieval_top1", "cos_match", "cos_other"):
             if key in last[0]:
                 entry[key] = mean_std([r[key] for r in last])
         if arm != arms[0]:
-            entry["final_diff"] = mean_std(
-                [runs[(s, arm)][-1]["top1"] - runs[(s, arms[0])][-1]["top1"] for s in seeds]
-            )
-            entry["best_diff"] = mean_std(
-                [
-                    runs[(s, arm)][-1]["best_top1"] - runs[(s, arms[0])][-1]["best_top1"]
-                    for s in seeds
-                ]
-            )
+            for k, key in (("final", "top1"), ("best", "best_top1")):
+                entry[f"{k}_diff"] = mean_std([runs[(s, arm)][-1][key]
+                                               - runs[(s, arms[0])][-1][key] for s in seeds])
             d, b = entry["final_diff"], entry["best_diff"]
             lines.append(
                 f"{arm} - baseline: final top1 {d[0]:+.2f} +- {d[1]:.2f}, best {b[0]:+.2f} +- "
-                f"{b[1]:.2f} "
-                f"(std over {len(seeds)} seeds); {entry['seconds_per_epoch']:.1f} s/epoch vs "
-                f"{base_time:.1f} s"
-                + (
+                f"{b[1]:.2f} (std over {len(seeds)} seeds); {seconds[arm]:.1f} s/epoch vs "
+                f"{seconds[arms[0]]:.1f} s" + (
                     f"; retrieval {entry['retrieval_top1'][0]:.1f}%, cos "
                     f"{entry['cos_match'][0]:.3f} matching / {entry['cos_other'][0]:.3f} other"
-                    if "retrieval_top1" in entry
-                    else ""
-                )
-            )
+                    if "retrieval_top1" in entry else ""))
         out[arm] = entry
     out["table"] = "\n".join(lines)
     return out

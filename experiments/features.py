@@ -80,7 +80,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import caption_embed  # noqa: E402
 import compare  # noqa: E402
 import runner  # noqa: E402
 import shapes  # noqa: E402
@@ -97,11 +96,6 @@ SOURCES = {  # cell: (captions or None for the baseline, label noise); folders a
     "full-n0.0": ("full", 0.0), "full-n0.5": ("full", 0.5),
     "colour-n0.0": ("colour", 0.0), "word-n0.0": ("word", 0.0)}
 FINETUNE_EPOCHS = 40  # 5 before the amendment (see the docstring)
-
-
-def caption(a, kind):
-    """The caption variants: shapes.caption's, and "colour": the shape and its colour alone."""
-    return f"a {a['colour']} {a['shape']}" if kind == "colour" else shapes.caption(a, kind)
 
 
 def folder(root, cell, seed):
@@ -143,16 +137,9 @@ def prepare(args):
     attrs = {split: attributes(split, data) for split in shapes.SPLITS}
     for kind in ("full", "colour", "word"):
         out = os.path.join(root, f"text-{kind}.pt")
-        if os.path.exists(out):
-            continue
-        paths = {}
-        for split, a in attrs.items():
-            paths[split] = os.path.join(root, f"captions-{kind}-{split}.txt")
-            with open(paths[split], "w", encoding="utf-8") as f:
-                f.writelines(f"{k}:\t{caption(x, kind)}\n"
-                             for k, x in zip(shapes.keys(split, len(a)), a))
-        caption_embed.main(["--captions", paths["train"], "--val-captions", paths["val"],
-                            "--dataset", "shapes", "--out", out, "--force"])
+        if not os.path.exists(out):
+            shapes.embed(attrs, {split: os.path.join(root, f"captions-{kind}-{split}.txt")
+                                 for split in attrs}, out, kind)
     if not os.path.isdir(os.path.join(task_data, "val")):
         write_task(task_data)
 
@@ -298,8 +285,8 @@ def write_report(root, docs, results):
             entry.setdefault("place_finetune_best", []).append(ft[-1]["best_top1"])
     measures = [f"probe_{a}" for a in ATTRIBUTES] + [
         "place_probe", "place_finetune_final", "place_finetune_best", "shapes_top1"]
-    rows, lines = [], ["| cell | " + " | ".join(measures) + " |",
-                       "|---" * (len(measures) + 1) + "|"]
+    lines = ["| cell | " + " | ".join(measures) + " |",
+             "|---" * (len(measures) + 1) + "|"]
     for cell in SOURCES:
         lines.append(f"| {cell} | " + " | ".join(
             f"{np.mean(results[cell][m]):.1f}" for m in measures) + " |")
@@ -319,20 +306,15 @@ def write_report(root, docs, results):
                        for m in measures}
         lines.append(f"| {cell} | " + " | ".join(
             f"{d[0]:+.1f} ± {d[1]:.1f}" for d in diffs[cell].values()) + " |")
-        rows.append(cell)
-    os.makedirs(docs, exist_ok=True)
-    with open(os.path.join(docs, "features.md"), "w") as f:
-        f.write("Top-1 (%), mean over seeds 0, 1, 2. probe_X: a linear probe of attribute X on "
-                "the frozen features (fitted on the 3000 training images of the shapes set, "
-                "scored on its 1000 validation images); place_*: the transfer task (a new draw "
-                f"labelled by the place), probed and fine-tuned for {FINETUNE_EPOCHS} epochs, and "
-                "trained from scratch with the same recipe and budget; shapes_top1: the "
-                "source run's own final validation top-1. Written by `python "
-                "experiments/features.py`.\n\n" + "\n".join(lines) + "\n")
-    with open(os.path.join(docs, "features.json"), "w") as f:
-        json.dump(dict(results=results, diffs=diffs), f, indent=1)
+    runner.write(docs, "features", "Top-1 (%), mean over seeds 0, 1, 2. probe_X: a linear probe "
+                 "of attribute X on the frozen features (fitted on the 3000 training images of "
+                 "the shapes set, scored on its 1000 validation images); place_*: the transfer "
+                 "task (a new draw labelled by the place), probed and fine-tuned for "
+                 f"{FINETUNE_EPOCHS} epochs, and trained from scratch with the same recipe and "
+                 "budget; shapes_top1: the source run's own final validation top-1. Written by "
+                 "`python experiments/features.py`.\n\n" + "\n".join(lines) + "\n",
+                 dict(results=results, diffs=diffs))
     plot(docs, diffs, measures)
-    print("\n".join(lines))
 
 
 def plot(docs, diffs, measures):
@@ -351,7 +333,8 @@ def plot(docs, diffs, measures):
     ax.set_title("paired differences, mean ± std over 3 seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(docs, "features.png"), dpi=110)
+    cli.save_atomic(lambda f: fig.savefig(f, format="png", dpi=110),
+                    os.path.join(docs, "features.png"))
 
 
 def report(args):
@@ -388,8 +371,7 @@ def place_report(root, docs):
             "scratch with the same recipe and budget; top-1 %, mean ± std over the seeds. "
             "Written by `python experiments/features.py --place-only`.\n\n"
             + "\n".join(lines) + "\n")
-    cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(docs, "features-place.md"))
-    print(text)
+    runner.write(docs, "features-place", text)
 
 
 def main(argv=None):

@@ -195,8 +195,9 @@ def paired_row(name, labels, values, base=None, mean=True):
     """A markdown table row and its numbers, from {seed: value}: the mean ± std of values over
     the seeds (mean=False: left blank, for a row of differences alone), and, with base (the
     values of the cell it is paired with), the mean ± std of the paired difference over the
-    seeds both have, and for how many of them it is positive. A std needs two seeds; a cell
-    without a finished run says so."""
+    seeds both have, and for how many of them it is positive. The seeds column counts the
+    values, or for a row of differences alone the pairs. A std needs two seeds; a cell without
+    a finished run says so."""
     import compare
     import numpy as np
 
@@ -214,7 +215,8 @@ def paired_row(name, labels, values, base=None, mean=True):
                    positive=int((d > 0).sum()))
         diff = f"**{shown(d, '+')}** ({out['positive']} of {len(d)})" if len(d) else ""
     top1 = shown(list(values.values())) if mean else ""
-    return f"| {name} | {labels} | {len(values)} | {top1} | {diff} |", out
+    n = len(values) if mean or base is None else len(out["seeds"])
+    return f"| {name} | {labels} | {n} | {top1} | {diff} |", out
 
 
 TABLE_HEAD = ["| cell | labels | seeds | top-1 | paired difference (seeds positive) |",

@@ -42,7 +42,6 @@ it as the second command; if no cell does, the README says so.
 """
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -79,17 +78,11 @@ def grid(root):
         for noise in noises:
             for seed in SEEDS:
                 base = f"base-p{cell['patch_size']}-e{cell['epochs']}-n{noise}/seed{seed}"
-                flags = dict(
-                    patch_size=cell["patch_size"],
-                    epochs=cell["epochs"],
-                    label_noise=noise,
-                    seed=seed,
-                )
+                flags = dict(patch_size=cell["patch_size"], epochs=cell["epochs"],
+                             label_noise=noise, seed=seed)
                 out[base] = (dict(flags, text_loss_lambda=0.0), None)
                 out[f"{name}-n{noise}/seed{seed}"] = (
-                    dict(flags, lambda_schedule=cell["lambda_schedule"]),
-                    cell["captions"],
-                )
+                    dict(flags, lambda_schedule=cell["lambda_schedule"]), cell["captions"])
     # the patch 4 pair of seed 0 first, then every patch 8 run, then the other patch 4 pairs
     def order(item):
         changes = item[1][0]
@@ -136,87 +129,38 @@ def runs(args):
 
 
 def report(args):
-    """docs/study.md and docs/study.png from the finished runs."""
-    root, docs = args.root, args.docs
+    """docs/study.md, .json and .png from the finished runs."""
     rows = []
     for name, (changes, noises) in CELLS.items():
         cell = {**BASE, **changes}
         for noise in noises:
-            base = [
-                compare.read_metrics(
-                    os.path.join(
-                        root, f"base-p{cell['patch_size']}-e{cell['epochs']}-n{noise}", f"seed{s}"
-                    )
-                )
-                for s in SEEDS
-            ]
-            text = [
-                compare.read_metrics(os.path.join(root, f"{name}-n{noise}", f"seed{s}"))
-                for s in SEEDS
-            ]
-            diff = compare.mean_std([t[-1]["top1"] - b[-1]["top1"] for t, b in zip(text, base)])
-            rows.append(
-                dict(
-                    cell=name,
-                    noise=noise,
-                    baseline=compare.mean_std([b[-1]["top1"] for b in base]),
-                    textteacher=compare.mean_std([t[-1]["top1"] for t in text]),
-                    diff=diff,
-                    early=compare.mean_std(
-                        [t[4]["top1"] - b[4]["top1"] for t, b in zip(text, base)]
-                    ),
-                    **{
-                        k: compare.mean_std([t[-1][k] for t in text])
-                        for k in ("retrieval_top1", "cos_match", "cos_other", "loss_txt")
-                    },
-                )
-            )
-    lines = [
-        "| cell | noise | baseline | TextTeacher | difference (final) | difference (epoch 5) | "
-        "retrieval top-1 | cos matching | cos other |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['cell']} | {r['noise']} | {r['baseline'][0]:.1f} | {r['textteacher'][0]:.1f} | "
-            f"**{r['diff'][0]:+.1f} ± {r['diff'][1]:.1f}** | {r['early'][0]:+.1f} ± "
-            f"{r['early'][1]:.1f} | "
-            f"{r['retrieval_top1'][0]:.1f} | {r['cos_match'][0]:.3f} | {r['cos_other'][0]:.3f} |"
-        )
-    text = (
-        "Validation top-1 (%) at the last epoch, mean over seeds 0, 1, 2; differences are "
-        "paired (TextTeacher - baseline of the same seed), mean ± std over the seeds. "
-        "Alignment of the TextTeacher arm at its last epoch, against the full validation "
-        "captions (500 images). Written by `python experiments/study.py`.\n\n"
-        + "\n".join(lines)
-        + "\n"
-    )
-    # whole files or none, and a full disk in one line naming the file
-    cli.save_atomic(lambda f: f.write(text.encode()), os.path.join(docs, "study.md"))
-    table = json.dumps(rows, indent=1)
-    cli.save_atomic(lambda f: f.write(table.encode()), os.path.join(docs, "study.json"))
-    import matplotlib
+            base, text = ([compare.read_metrics(os.path.join(args.root, f, f"seed{s}"))
+                           for s in SEEDS] for f in (
+                f"base-p{cell['patch_size']}-e{cell['epochs']}-n{noise}", f"{name}-n{noise}"))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4))
-    labels = [f"{r['cell']}\nnoise {r['noise']}" for r in rows]
-    ax.bar(
-        range(len(rows)),
-        [r["diff"][0] for r in rows],
-        yerr=[r["diff"][1] for r in rows],
-        capsize=3,
-        color=["C0" if r["diff"][0] > 0 else "C3" for r in rows],
-    )
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylabel("TextTeacher - baseline, top-1 (p.p.)")
-    ax.set_title("paired difference at the last epoch, mean ± std over 3 seeds")
-    fig.tight_layout()
-    cli.save_atomic(lambda f: fig.savefig(f, format="png", dpi=110),
-                    os.path.join(docs, "study.png"))
-    print("\n".join(lines))
+            def paired(e):  # TextTeacher - baseline at epoch index e, seed by seed
+                return compare.mean_std([t[e]["top1"] - b[e]["top1"] for t, b in zip(text, base)])
+            rows.append(dict(
+                cell=name, noise=noise, baseline=compare.mean_std([b[-1]["top1"] for b in base]),
+                textteacher=compare.mean_std([t[-1]["top1"] for t in text]), diff=paired(-1),
+                early=paired(4), **{k: compare.mean_std([t[-1][k] for t in text])
+                                    for k in ("retrieval_top1", "cos_match", "cos_other",
+                                              "loss_txt")}))
+    lines = ["| cell | noise | baseline | TextTeacher | difference (final) | difference (epoch 5) "
+             "| retrieval top-1 | cos matching | cos other |", "|---" * 9 + "|"]
+    lines += [f"| {r['cell']} | {r['noise']} | {r['baseline'][0]:.1f} | {r['textteacher'][0]:.1f} "
+              f"| **{r['diff'][0]:+.1f} ± {r['diff'][1]:.1f}** | {r['early'][0]:+.1f} ± "
+              f"{r['early'][1]:.1f} | {r['retrieval_top1'][0]:.1f} | {r['cos_match'][0]:.3f} | "
+              f"{r['cos_other'][0]:.3f} |" for r in rows]
+    runner.write(args.docs, "study", "Validation top-1 (%) at the last epoch, mean over seeds 0, "
+                 "1, 2; differences are paired (TextTeacher - baseline of the same seed), mean ± "
+                 "std over the seeds. Alignment of the TextTeacher arm at its last epoch, against "
+                 "the full validation captions (500 images). Written by `python "
+                 "experiments/study.py`.\n\n" + "\n".join(lines) + "\n", rows)
+    runner.plot(os.path.join(args.docs, "study.png"),
+                [(f"{r['cell']}\nnoise {r['noise']}", r["diff"]) for r in rows],
+                "paired difference at the last epoch, mean ± std over 3 seeds",
+                "TextTeacher - baseline, top-1 (p.p.)")
 
 
 def main(argv=None):

@@ -186,3 +186,6 @@ def test_paired_rows_pair_by_seed_and_count_the_positive_seeds():
     assert out["seeds"] == [0, 2] and out["diff"][0] == pytest.approx(0.5)
     assert out["diff"][1] == pytest.approx(2.1213203, rel=1e-6) and out["positive"] == 1
     assert line == "| x | clean | 3 | 50.33 ± 1.53 | **+0.50 ± 2.12** (1 of 2) |"
+    line = runner.paired_row("x - y", "clean", {0: 50.0, 1: 52.0, 2: 49.0},
+                             {0: 48.0, 2: 50.0, 3: 40.0}, mean=False)[0]
+    assert line == "| x - y | clean | 2 |  | **+0.50 ± 2.12** (1 of 2) |"  # the pairs counted
