@@ -334,10 +334,11 @@ def test_bad_input_is_one_line_and_writes_nothing(teachers, clip, folder, tmp_pa
     assert snapshot(tmp_path) == before
 
 
-def test_a_distillation_stopped_by_ctrl_c_continues_to_the_uninterrupted_results(
+def test_a_distillation_stopped_by_ctrl_c_and_by_kill_continues_to_the_uninterrupted_results(
         teachers, folder, tmp_path, monkeypatch, capsys):
     """Ctrl-C (SIGINT) in the baseline arm's second epoch: one line, exit 130, its advice; the
-    same command again continues the baseline and trains the KD arm, and both end with the
+    same command again continues the baseline and is stopped by SIGTERM (kill) in the KD arm's
+    first epoch: one line, exit 143, the same advice; followed again, both arms end with the
     logs of a distillation never stopped."""
     import signal
     from common import CHEAP, signal_at_step, untimed
@@ -356,6 +357,22 @@ def test_a_distillation_stopped_by_ctrl_c_continues_to_the_uninterrupted_results
     monkeypatch.undo()
     assert checkpoint(tmp_path / "cut" / "seed0-baseline")["epoch"] == 1
     assert not (tmp_path / "cut" / "seed0-kd").exists()
-    distill.main(argv + ["--name", "cut"])  # the advice, followed
+    with monkeypatch.context() as mp:  # SIGTERM in the KD arm's second step (its objective
+        real, calls = distill.kd_loss, []  # is not step_losses: its KD term counts the steps)
+
+        def kd_loss(*a):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a)
+        mp.setattr(distill, "kd_loss", kd_loss)
+        with pytest.raises(SystemExit) as e:
+            distill.main(argv + ["--name", "cut"])  # the advice, followed
+    assert e.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted by SIGTERM; run the same command again to continue"]
+    assert len(metrics(tmp_path / "cut" / "seed0-baseline")) == 2
+    assert not (tmp_path / "cut" / "seed0-kd" / "checkpoint.pt").exists()
+    distill.main(argv + ["--name", "cut"])  # and followed again
     for arm in ("seed0-baseline", "seed0-kd"):
         assert untimed(tmp_path / "cut" / arm) == untimed(tmp_path / "whole" / arm), arm

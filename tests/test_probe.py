@@ -105,8 +105,9 @@ def test_transfer_carries_every_arm_with_its_own_seed(folder, tmp_path, monkeypa
     TextTeacher) is fine-tuned from its own final weights with its own seed (--init, --seed in
     the fine-tune's checkpoint), probed with exactly the linear probe of its frozen features,
     and summarised as paired differences to the baseline of the same seed; an unfinished arm is
-    refused in one line. Stopped by SIGTERM in its second fine-tune, the command says so in one
-    line (exit 143) and, run again, carries on from there."""
+    refused in one line. Stopped by Ctrl-C (SIGINT) in its first fine-tune and then by SIGTERM
+    in its second, the command says so in one line each time (exit 130, 143) and, run again,
+    carries on from there."""
     import signal
     import compare
     import textteacher as tt
@@ -116,12 +117,15 @@ def test_transfer_carries_every_arm_with_its_own_seed(folder, tmp_path, monkeypa
             "--out-dir", str(tmp_path), *CHEAP]
     compare.main(argv + ["--text", folder[1], "--name", "c", "--seeds", "2"])
     root = str(tmp_path / "c")
-    with monkeypatch.context() as mp:
-        signal_at_step(mp, 6 + 3, signal.SIGTERM)  # 6 steps a fine-tune: the second's third
-        capsys.readouterr()
-        assert command_here("experiments/transfer.py", [root, "--finetune", *argv]) == 143
-        assert capsys.readouterr().err.strip().splitlines() == [
-            "interrupted by SIGTERM; run the same command again to continue"]
+    for at, signum, word in ((3, signal.SIGINT, "interrupted"),  # the first fine-tune's third
+                             (6 + 3, signal.SIGTERM, "interrupted by SIGTERM")):  # the second's
+        with monkeypatch.context() as mp:  # 6 steps a fine-tune
+            signal_at_step(mp, at, signum)
+            capsys.readouterr()
+            assert command_here("experiments/transfer.py", [root, "--finetune", *argv]) == (
+                128 + signum)
+            assert capsys.readouterr().err.strip().splitlines() == [
+                f"{word}; run the same command again to continue"]
     summary = transfer.transfer(root, argv, finetune=True, do_probe=True)
     for seed in (0, 1):
         for arm in ("baseline", "textteacher"):

@@ -1,9 +1,9 @@
 """
 The one study runner (experiments/runner.py): a study of two cells (one seed) on the tiny
-folder, run by its workers, stopped every way a job is stopped (SIGTERM to the study, SIGKILL;
-SIGINT to it alone and SIGHUP take SIGTERM's path, and tests/test_interrupts.py sends them to
-commands as they start), each time with no worker left
-behind; its advice followed, it ends with the very results of a study never stopped.
+folder, run by its workers, stopped every way a job is stopped (SIGINT to the study alone,
+SIGTERM, SIGKILL; SIGHUP takes SIGTERM's path, and tests/test_interrupts.py sends it to a
+command as it starts), each time with no worker left behind; its advice followed, it ends with
+the very results of a study never stopped.
 """
 import argparse
 import importlib.util
@@ -154,10 +154,8 @@ def test_a_study_stopped_every_way_leaves_no_worker_and_continues_to_the_same_re
     out, pause = tmp_path / "stopped", tmp_path / "pause"
     out.mkdir()
     stops = [  # (how, the exit code of the study); Ctrl-C to the terminal's process group
-        # reaches the workers themselves too: test_textteacher.py's group Ctrl-C. SIGINT to
-        # the study alone (kill -INT PID) takes SIGTERM's path here (cli.run's handler raises
-        # in the study, and start_workers stops its workers on the way out); its own line and
-        # exit code are tests/test_interrupts.py's, sent to a study while it starts
+        # reaches the workers themselves too: test_textteacher.py's group Ctrl-C
+        (lambda p: p.send_signal(signal.SIGINT), 130),  # kill -INT PID: the study alone
         (lambda p: p.send_signal(signal.SIGTERM), 143),  # kill PID, systemd, SLURM
         (lambda p: p.kill(), -9),  # SIGKILL: the workers notice by themselves
     ]

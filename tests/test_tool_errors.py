@@ -412,7 +412,9 @@ def test_an_unfinished_arm_is_continued_only_with_its_settings_and_never_taken_a
     """A comparison stopped by SIGTERM (kill, systemd, SLURM) in the baseline's second epoch:
     one line with its advice and exit 143. Its arm then got an export/ (as the old export.py
     wrote one of any checkpoint): continued only with its own settings, and then trained to
-    its last epoch, not reused with one epoch of two."""
+    its last epoch, not reused with one epoch of two; on the way, Ctrl-C (SIGINT) in the text
+    arm's second epoch is one line with the same advice and exit 130, and followed, the text
+    arm continues from its first."""
     argv = [str(a) for a in base_args(folder, tmp_path, *CHEAP, "--name", "u")]
     signal_at_step(monkeypatch, 7, signal.SIGTERM)  # 6 steps per epoch: epoch 2's first
     capsys.readouterr()
@@ -431,6 +433,14 @@ def test_an_unfinished_arm_is_continued_only_with_its_settings_and_never_taken_a
         compare.main(argv + ["--lr", "0.01"])
     assert str(e.value).startswith(f"{arm} was trained with lr 0.003; asked for 0.01: ")
     assert checkpoint(arm)["epoch"] == 1
+    with monkeypatch.context() as mp:  # the baseline's epoch 2, the text arm's 1, then its 2
+        signal_at_step(mp, 6 + 6 + 1, signal.SIGINT)
+        capsys.readouterr()
+        assert command_here("experiments/compare.py", argv) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted; every arm keeps its last checkpoint: run the same command again to "
+        "continue"]
+    assert checkpoint(tmp_path / "u" / "seed0-textteacher")["epoch"] == 1
     summary = compare.main(argv)
     assert len(metrics(arm)) == 2 and len(summary["top1_per_epoch"]["baseline"]) == 2
 
