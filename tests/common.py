@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -172,6 +173,27 @@ def signal_at_step(monkeypatch, n, signum):
             os.kill(os.getpid(), signum)
         return real(*a, **k)
     monkeypatch.setattr(tt, "step_losses", step_losses)
+
+
+def ended(pids=(), group=None, timeout=60):
+    """Whether every process of pids, and of the process group `group`, has ended within
+    timeout seconds (a zombie has: it only waits for its parent). Reads /proc (Linux)."""
+    deadline = time.time() + timeout
+    while True:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:  # pid (name) state ppid pgrp ...
+                    state, _, pgrp = f.read().rsplit(") ", 1)[1].split()[:3]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if state != "Z" and (int(pid) in pids or int(pgrp) == group):
+                alive.append(pid)
+        if not alive:
+            return True
+        if time.time() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def one_line(stderr):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from common import ROOT, make_data, one_line, untimed
+from common import ROOT, ended, make_data, one_line, untimed
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 sys.path.insert(0, EXPERIMENTS)
@@ -111,24 +111,6 @@ def workers_of(p, timeout=120):
     raise AssertionError("the workers never started")
 
 
-def gone(pids, timeout=60):
-    """Whether every process of pids has ended (a zombie counts as ended)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        alive = []
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().split(") ", 1)[1][0] != "Z":
-                        alive.append(pid)
-            except FileNotFoundError:
-                pass
-        if not alive:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def wait_training(pause, timeout=120):
     deadline = time.time() + timeout
     while not os.path.exists(pause):
@@ -170,7 +152,7 @@ def test_a_study_stopped_every_way_leaves_no_worker_and_continues_to_the_same_re
             assert "Traceback" not in err
             assert one_line(err).endswith("every run keeps its last checkpoint: run the same "
                                           "command again to continue"), err
-        assert gone(kids), f"workers {kids} outlived their study ({code})"
+        assert ended(kids), f"workers {kids} outlived their study ({code})"
     p = start(script, data, out, "")  # the advice, followed
     assert p.wait(timeout=600) == 0, p.stderr.read()
     assert json.loads((out / "result.json").read_text()) == expected

@@ -22,13 +22,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from common import (CHEAP, ROOT, Forked, base_args, checkpoint, command_here, folder, metrics,
-                    signal_at_step, snapshot, write_embeddings)
+from common import (CHEAP, ROOT, Forked, base_args, checkpoint, command_here, ended, folder,
+                    metrics, signal_at_step, snapshot, write_embeddings)
 from test_caption_images import FAST, blip, write_pictures, write_png
 
 import caption_embed
@@ -232,19 +231,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def group_alive(pgid):
-    """Whether a process of the group pgid is running (zombies, which have ended, do not count)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
-
-
 @pytest.mark.parametrize("how", ["ctrl-c", "kill"])
 def test_caption_images_ctrl_c_mid_run_keeps_the_captions_and_the_rerun_continues(
         pictures, blip, captions, tmp_path, how):
@@ -274,10 +260,7 @@ def test_caption_images_ctrl_c_mid_run_keeps_the_captions_and_the_rerun_continue
             p.kill()
     assert (p.returncode, err) == (128 + signum, f"{word}; the captions written so far are "
                                    "kept: run the same command again to continue\n")
-    gone = time.time() + 30  # the worker ends with its captioner: nothing left in its group
-    while time.time() < gone and group_alive(p.pid):
-        time.sleep(0.05)
-    assert not group_alive(p.pid)
+    assert ended(group=p.pid, timeout=30)  # the worker ends with its captioner: none left
     assert len((tmp_path / "c.txt.parts" / "rank0.txt").read_text().splitlines()) == 4
     caption_images.main(argv)
     assert out.read_bytes() == captions
