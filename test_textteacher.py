@@ -21,7 +21,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "tests"))
 from common import (CHEAP, RANDOM, assert_same_weights, base_args, checkpoint,  # noqa: E402
-                    crash_in_epoch, fails, folder, metrics, one_line,
+                    crash_in_epoch, ended, fails, folder, metrics, one_line,
                     poison_at_call, run, sensitive, start_paused, untimed, wait_for_pause,
                     write_embeddings, write_folder)
 import textteacher as tt  # noqa: E402
@@ -1003,27 +1003,31 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(folder, reference, tmp_p
     assert set(os.listdir(tmp_path / "cut")) <= EXPECTED_FILES
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
 def test_ctrl_c_stops_in_one_line_and_resume_from_the_last_checkpoint_is_bit_identical(
-        folder, reference, tmp_path):
-    """Ctrl-C reaches the whole process group (the data workers too); the command stops with
-    one line saying how to continue and exits with 130; the last checkpoint (written atomically,
-    here after every step) is whole, and the resumed run ends bit-identical to the
-    uninterrupted one."""
+        folder, reference, tmp_path, how):
+    """Ctrl-C reaches the whole process group (the data workers too); `kill PID` (SIGTERM) the
+    trainer alone. Either way the command stops with one line saying how to continue and exits
+    with 128 + N, its data workers end with it (none is left in its group); the last
+    checkpoint (written atomically, here after every step) is whole, and the resumed run ends
+    bit-identical to the uninterrupted one."""
+    signum = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
     args = base_args(folder, tmp_path, *RANDOM, "--workers", "2", "--ckpt-every", "1",
                      "--name", "c")
     p = start_paused(tmp_path, args, at=6 + 2, start_new_session=True)  # epoch 2, step 2
     try:
         wait_for_pause(p)
-        os.killpg(p.pid, signal.SIGINT)
+        (os.killpg if how == "ctrl-c" else os.kill)(p.pid, signum)
         _, err = p.communicate(timeout=240)
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 130, err
+    assert p.returncode == 128 + signum, err
+    assert ended(group=p.pid, timeout=30)
     stopped = checkpoint(tmp_path / "c")
     assert (stopped["epoch"], stopped["step"]) == (1, 1) and len(metrics(tmp_path / "c")) == 1
-    assert one_line(err) == ("interrupted; continue from the last checkpoint: "
-                             f"--resume {tmp_path / 'c'}")
+    word = "interrupted" if how == "ctrl-c" else "interrupted by SIGTERM"
+    assert one_line(err) == f"{word}; continue from the last checkpoint: --resume {tmp_path / 'c'}"
     assert run(["--resume", tmp_path / "c"]) == 0
     assert_same_weights(checkpoint(tmp_path / "c")["model"], checkpoint(reference)["model"])
     assert untimed(tmp_path / "c") == untimed(reference)
