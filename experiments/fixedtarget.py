@@ -57,6 +57,24 @@ half-width otherwise (a tie of at most that size, stated in p.p.).
       random - constant > 0 beyond its std; fails if within.
   Q4  Language at class level: class - random over seeds 0-9, by its 95% interval.
 A further cell, if the first results need one, is named here, with its reason, before it runs.
+
+The further cell, added on 2026-12-07 at 20:00, after the first results and before it ran. At
+5 seeds (`--report`): second - baseline +0.11 ± 1.29 and class - second +1.12 ± 0.79, so Q1
+fails: a second classifier head does not give the gain; random - learned +0.19 ± 0.78 (Q2
+fails: learning the targets costs nothing) and random - constant -0.19 ± 0.42 (Q3 fails: the
+weighting is not it). Every per-class target pulled on by the contrastive loss helps (+1.1 to
++1.5 p.p.), the second head does not; but `second` differs from `random` in two things at
+once: its loss (a cross-entropy over the C classes, not the batch's contrastive loss in both
+directions) and its head (C logits, not a D-wide projection compared with fixed class
+vectors). The cell that splits the two:
+  prototype  `random`'s head, class vectors and adaptive weight, with `second`'s loss: the
+             text loss a label-smoothed cross-entropy over the C class vectors, logits
+             z V^T (V the random class vectors, z the text head's output; a fixed-vector
+             classifier on a learned projection)                               seeds 0-4
+  Q5  Batch contrast: the contrastive form, not the fixed-vector head, is what helps. Holds
+      if random - prototype > 0 beyond its std (and prototype near second); fails if
+      prototype - baseline > 0 beyond its std and random - prototype within its std (a
+      fixed-vector classifier is all it takes); undecided otherwise.
 """
 import dataclasses
 import functools
@@ -83,7 +101,7 @@ from runner import Run  # noqa: E402
 
 ROOT = "runs/photos"  # the photo study's folder: its clean runs are this study's too
 SEEDS = {"baseline": range(5), "class": range(10), "random": range(10), "learned": range(5),
-         "second": range(5), "constant": range(5)}
+         "second": range(5), "constant": range(5), "prototype": range(5)}
 EPOCHS = photos.EPOCHS
 
 
@@ -139,6 +157,28 @@ class ConstantWeight:
         return lam * w * loss_txt + (1 - lam) * loss_cls, loss_cls, loss_txt, w
 
 
+class Prototype:
+    """The further cell: `random`'s target source (its vectors V, and so its head's width) and
+    an objective whose text loss is a cross-entropy over the C class vectors, logits z V^T
+    against the (mixed) labels y, label-smoothed as the classifier's loss is; adaptive weight
+    as in `random`. `targets` is the Run's target source, the instance its objective."""
+
+    def __init__(self):
+        self.vectors = None
+
+    def targets(self, cfg):
+        source = photos.RandomClass(runner.text_targets(cfg)[0])
+        self.vectors = source.vectors
+        return source
+
+    def __call__(self, model, images, y, t, lam, cfg, autocast=None):
+        V = self.vectors.to(images.device)  # shape = [C, D]
+
+        def over_classes(z, t):
+            return F.cross_entropy(z @ V.T, y, label_smoothing=cfg.label_smoothing)
+        return tt.step_losses(model, images, y, t, lam, cfg, autocast, text_loss=over_classes)
+
+
 # ----------------------------------------------------------------------------
 # The study
 
@@ -157,7 +197,7 @@ def folder(root, cell, seed):
 
 
 SHARED = ("baseline", "class", "random")  # seeds 0-4 of these are the photo study's runs
-ORDER = ("random", "learned", "second", "constant", "class", "baseline")
+ORDER = ("random", "learned", "second", "constant", "prototype", "class", "baseline")
 
 
 def runs(args):
@@ -176,6 +216,10 @@ def runs(args):
             out.append(photos.clean_run(root, args.data, cell, seed))
         elif cell == "learned":
             out.append(Run(f, cfg, photos.control(LearnedClass)))
+        elif cell == "prototype":
+            proto = Prototype()
+            out.append(Run(f, cfg, proto.targets, objective=proto,
+                           settings=dict(objective="prototype")))
         elif cell == "second":
             out.append(Run(f, cfg, lambda c: Labels(len(runner.text_targets(c)[0].rows)),
                            objective=second_classifier, settings=dict(objective="second")))
@@ -236,7 +280,7 @@ def report(args):
         lines.append(line)
     lines.append("| **paired with each other** | | | | |")
     for a, b in (("class", "random"), ("class", "second"), ("random", "learned"),
-                 ("random", "constant")):
+                 ("random", "constant"), ("random", "prototype"), ("prototype", "second")):
         line, results[f"{a}-minus-{b}"] = runner.paired_row(
             f"{a} - {b}", "clean", top1[a], top1[b], mean=False)
         lines.append(line)

@@ -82,6 +82,32 @@ def test_the_second_classifier_is_the_classifiers_loss_on_the_text_head_with_the
     torch.testing.assert_close(loss_2, ce[1])
 
 
+def test_the_prototype_cell_is_a_cross_entropy_over_the_random_class_vectors(monkeypatch):
+    """The further cell: random's source (its vectors V set the head's width) and the text loss
+    CE_s(z V^T, y), weighted as random's is (adaptive weight): by hand."""
+    src = Source()
+    monkeypatch.setattr(fixedtarget.runner, "text_targets", lambda cfg: (src, None))
+    proto = fixedtarget.Prototype()
+    source = proto.targets(None)
+    V = photos.RandomClass(src).vectors
+    assert torch.equal(proto.vectors, V) and source.sha256 == "random-class:0"
+    torch.manual_seed(0)
+    vit, (_, images, _) = tt.ViT(len(V), 8, 4, 16, 1, 2), losses()  # a class per vector
+    y = F.softmax(torch.randn(6, len(V), generator=torch.Generator().manual_seed(3)), 1)
+    model = tt.TextTeacher(vit, text_dim=source.dim)
+    cfg, _ = tt.parse_config(["--label-smoothing", "0.1"])
+    t = source(None, y.argmax(1), images, 1.0)
+    loss, loss_cls, loss_txt, w = proto(model, images, y, t, 0.5, cfg)
+    feat = vit.forward_features(images)
+    ce_txt = F.cross_entropy(model.text_head(feat) @ V.T, y, label_smoothing=0.1)
+    ce_cls = F.cross_entropy(vit.head(feat), y, label_smoothing=0.1)
+    g = [torch.autograd.grad(c, feat, retain_graph=True)[0].norm() for c in (ce_cls, ce_txt)]
+    want_w = (g[0] + 1e-7) / (g[1] + 1e-7)
+    torch.testing.assert_close(w, want_w)
+    torch.testing.assert_close(loss_txt, ce_txt)
+    torch.testing.assert_close(loss, 0.5 * want_w * ce_txt + 0.5 * ce_cls)
+
+
 def test_the_constant_weight_is_the_mean_w_of_its_run_and_replaces_the_adaptive_one(tmp_path):
     run = tmp_path / "random"
     run.mkdir()
@@ -172,3 +198,4 @@ def test_the_new_cells_run_before_the_photo_studys_own_runs(tmp_path):
     shared = [i for i, f in enumerate(order) if f.split("-")[0] in fixedtarget.SHARED
               and int(f[-1]) < 5 and f != "random-n0.0/seed0"]
     assert shared == list(range(len(order) - 14, len(order)))  # the last 14
+    assert order.index("prototype-n0.0/seed4") < order.index("class-n0.0/seed5")
