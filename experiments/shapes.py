@@ -136,8 +136,10 @@ def caption(a, kind="full"):
     """The caption of an image with attributes a. full: its own random template of the three
     (the default); one-template: always the first; colour: the shape and its colour alone;
     word: the shape's name alone."""
-    if kind in ("colour", "word"):
-        return f"a {a['colour']} {a['shape']}" if kind == "colour" else a["shape"]
+    if kind == "word":
+        return a["shape"]
+    if kind == "colour":
+        return f"a {a['colour']} {a['shape']}"
     return TEMPLATES[0 if kind == "one-template" else a["template"]].format(**a)
 
 
