@@ -2,6 +2,7 @@
 experiments/features.py: what the transfer and feature tables rest on."""
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -107,16 +108,17 @@ def test_transfer_carries_every_arm_with_its_own_seed(folder, tmp_path, monkeypa
     and summarised as paired differences to the baseline of the same seed; an unfinished arm is
     refused in one line. Stopped by Ctrl-C (SIGINT) in its first fine-tune and then by SIGTERM
     in its second, the command says so in one line each time (exit 130, 143) and, run again,
-    carries on from there."""
+    carries on from there to the fine-tunes of a transfer never stopped."""
     import signal
     import compare
     import textteacher as tt
-    from common import command_here, signal_at_step
+    from common import command_here, signal_at_step, untimed
     argv = ["--data", folder[0], "--img-size", "16", "--patch-size", "8", "--model", "micro",
             "--batch-size", "32", "--epochs", "1", "--workers", "0", "--threads", "1",
             "--out-dir", str(tmp_path), *CHEAP]
     compare.main(argv + ["--text", folder[1], "--name", "c", "--seeds", "2"])
     root = str(tmp_path / "c")
+    shutil.copytree(root, tmp_path / "whole")  # its fine-tunes never stopped, below
     for at, signum, word in ((3, signal.SIGINT, "interrupted"),  # the first fine-tune's third
                              (6 + 3, signal.SIGTERM, "interrupted by SIGTERM")):  # the second's
         with monkeypatch.context() as mp:  # 6 steps a fine-tune
@@ -127,6 +129,10 @@ def test_transfer_carries_every_arm_with_its_own_seed(folder, tmp_path, monkeypa
             assert capsys.readouterr().err.strip().splitlines() == [
                 f"{word}; run the same command again to continue"]
     summary = transfer.transfer(root, argv, finetune=True, do_probe=True)
+    transfer.transfer(str(tmp_path / "whole"), argv, finetune=True, do_probe=False)
+    for arm in ("seed0-baseline", "seed0-textteacher", "seed1-baseline", "seed1-textteacher"):
+        assert untimed(os.path.join(root, "transfer-pets", arm)) == untimed(
+            tmp_path / "whole" / "transfer-pets" / arm), arm
     for seed in (0, 1):
         for arm in ("baseline", "textteacher"):
             ft = torch.load(os.path.join(root, "transfer-pets", f"seed{seed}-{arm}",

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from common import (CHEAP, ROOT, Forked, base_args, checkpoint, command_here, ended, folder,
-                    metrics, signal_at_step, snapshot, write_embeddings)
+                    metrics, signal_at_step, snapshot, untimed, write_embeddings)
 from test_caption_images import FAST, blip, write_pictures, write_png
 
 import caption_embed
@@ -397,7 +397,7 @@ def test_an_unfinished_arm_is_continued_only_with_its_settings_and_never_taken_a
     wrote one of any checkpoint): continued only with its own settings, and then trained to
     its last epoch, not reused with one epoch of two; on the way, Ctrl-C (SIGINT) in the text
     arm's second epoch is one line with the same advice and exit 130, and followed, the text
-    arm continues from its first."""
+    arm continues from its first: both arms end with the logs of a comparison never stopped."""
     argv = [str(a) for a in base_args(folder, tmp_path, *CHEAP, "--name", "u")]
     signal_at_step(monkeypatch, 7, signal.SIGTERM)  # 6 steps per epoch: epoch 2's first
     capsys.readouterr()
@@ -426,6 +426,9 @@ def test_an_unfinished_arm_is_continued_only_with_its_settings_and_never_taken_a
     assert checkpoint(tmp_path / "u" / "seed0-textteacher")["epoch"] == 1
     summary = compare.main(argv)
     assert len(metrics(arm)) == 2 and len(summary["top1_per_epoch"]["baseline"]) == 2
+    compare.main(argv[:-1] + ["whole"])  # never stopped: the same logs, arm by arm
+    for a in ("seed0-baseline", "seed0-textteacher"):
+        assert untimed(tmp_path / "u" / a) == untimed(tmp_path / "whole" / a), a
 
 
 def test_export_of_an_unfinished_run_is_refused_or_kept_apart(folder, tmp_path):
