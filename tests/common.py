@@ -162,17 +162,19 @@ def command_here(script, argv):
     return 0
 
 
-def signal_at_step(monkeypatch, n, signum):
+def signal_at_step(monkeypatch, n, signum, where=(tt, "step_losses")):
     """The trainer sends itself signum in its n-th training step (counted from 1): what a
-    command gets from kill, systemd or a terminal at a known moment."""
-    real, calls = tt.step_losses, []
+    command gets from kill, systemd or a terminal at a known moment. where: the (module, name)
+    of the function called once a step (an objective of its own calls another)."""
+    module, name = where
+    real, calls = getattr(module, name), []
 
-    def step_losses(*a, **k):
+    def counted(*a, **k):
         calls.append(1)
         if len(calls) == n:
             os.kill(os.getpid(), signum)
         return real(*a, **k)
-    monkeypatch.setattr(tt, "step_losses", step_losses)
+    monkeypatch.setattr(module, name, counted)
 
 
 def ended(pids=(), group=None, timeout=60):

@@ -358,14 +358,7 @@ def test_a_distillation_stopped_by_ctrl_c_and_by_kill_continues_to_the_uninterru
     assert checkpoint(tmp_path / "cut" / "seed0-baseline")["epoch"] == 1
     assert not (tmp_path / "cut" / "seed0-kd").exists()
     with monkeypatch.context() as mp:  # SIGTERM in the KD arm's second step (its objective
-        real, calls = distill.kd_loss, []  # is not step_losses: its KD term counts the steps)
-
-        def kd_loss(*a):
-            calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(*a)
-        mp.setattr(distill, "kd_loss", kd_loss)
+        signal_at_step(mp, 2, signal.SIGTERM, where=(distill, "kd_loss"))  # calls kd_loss)
         with pytest.raises(SystemExit) as e:
             distill.main(argv + ["--name", "cut"])  # the advice, followed
     assert e.value.code == 128 + signal.SIGTERM
