@@ -233,9 +233,10 @@ def runs(args):
 
 def recorded(docs):
     """{cell: {seed: final top-1}} of the photo study's clean runs of SHARED, as its report
-    recorded them (docs/photos.json, seeds 0-4 in order), or {} without that file. The runs are
-    deterministic (random's seed 0, run here again, gave the recorded 48.82 to the digit): until
-    a shared run has run here, the report takes its recorded result, and says so."""
+    recorded them (docs/photos.json, seeds 0-4 in order), or {} without that file. The runs
+    repeat on machines of this kind (run again on another, 14 of the 15 gave the recorded top-1
+    to the digit, one was one validation image off): until a shared run has run here, the
+    report takes its recorded result, and says so."""
     path = os.path.join(docs, "photos.json")
     if not os.path.exists(path):
         return {}
@@ -251,7 +252,7 @@ def recorded(docs):
 def top1_of(args):
     """({cell: {seed: final top-1}}, [(cell, seed, here, recorded)]): the runs finished here,
     the photo study's recorded results where a shared run has not run here, and every pair of
-    the two there is (they must agree)."""
+    the two there is (the report lists them: they should agree, to an image or so)."""
     here = {c: runner.finals({s: folder(args.root, c, s) for s in seeds}, EPOCHS)
             for c, seeds in SEEDS.items()}
     saved = recorded(args.docs)
